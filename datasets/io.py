@@ -1,0 +1,90 @@
+"""Reading and writing the challenge's files: RGB photos (JPEG) and 8-bit grey label maps (PNG).
+
+Readers validate and name the file in every error; writers are atomic (temporary file in the
+same folder, then rename) so a killed run never leaves a half-written output behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from datasets.classes import NUM_CLASSES
+from datasets.labels import DataError, validate_label
+
+log = logging.getLogger("iidm.datasets")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABEL_MODES = ("L", "P")  # 8-bit grey; palette PNGs store the class index as the pixel value
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot be read as an image ({exc})") from None
+    return image
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Photo -> RGB uint8 [H, W, 3]. Greyscale and other modes are converted, with a log line."""
+    path = Path(path)
+    image = _open(path)
+    if image.mode != "RGB":
+        kind = "greyscale" if image.mode in ("L", "LA", "1", "I", "I;16", "F") else image.mode
+        log.info("%s: %s photo converted to RGB", path, kind)
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def load_label(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Label map -> uint8 [H, W] of class indices, validated to lie in 0..num_classes-1."""
+    path = Path(path)
+    image = _open(path)
+    if image.mode not in LABEL_MODES:
+        raise DataError(
+            f"{path}: a label map must be an 8-bit greyscale PNG (mode L) holding class indices "
+            f"0..{num_classes - 1}, got mode {image.mode}")
+    label = np.asarray(image, dtype=np.uint8).copy()
+    return validate_label(label, source=str(path), num_classes=num_classes)
+
+
+def _atomic_save(image: Image.Image, path: Path, **params) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format=params.pop("format"), **params)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> None:
+    """Write an RGB uint8 [H, W, 3] photo atomically; JPEG (``quality``) or PNG by suffix."""
+    path = Path(path)
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{path}: expected an RGB uint8 [H, W, 3] array, got {image.dtype} {image.shape}")
+    fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+    params = {"quality": quality} if fmt == "JPEG" else {}
+    _atomic_save(Image.fromarray(image, "RGB"), path, format=fmt, **params)
+
+
+def save_label(path: str | os.PathLike, label: np.ndarray) -> None:
+    """Write a label map [H, W] of class indices atomically as an 8-bit greyscale PNG."""
+    path = Path(path)
+    label = validate_label(np.asarray(label), source=str(path), num_classes=256)
+    if label.ndim != 2:
+        raise ValueError(f"{path}: expected a label map [H, W], got shape {label.shape}")
+    _atomic_save(Image.fromarray(label.astype(np.uint8), "L"), path, format="PNG")
