@@ -1,0 +1,2 @@
+"""Command-line tools: checkpoint averaging, colour transfer, latent caching, weight conversion,
+scoring, benchmarks."""
