@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     # The generation pipeline is not built yet; say so instead of pretending to generate.
     print("infer.py: no model is available yet. This release has the data layout, the synthetic\n"
           "landscape generator and the Jittor environment; the diffusion model, the demo\n"
-          f"checkpoint ({DEMO_CHECKPOINT.relative_to(REPO)}) and the IIDM pipeline come next.\n"
+          f"checkpoint ({DEMO_CHECKPOINT}) and the IIDM pipeline come next.\n"
           "Nothing was generated. Try: python -m datasets.synthetic --out data/synthetic --n 200",
           file=sys.stderr)
     return NO_MODEL
