@@ -8,7 +8,12 @@ A checkpoint file holds named float arrays and, as safetensors metadata (strings
     config      the full configuration of the network, as JSON
     extra       anything else as JSON (training step, ...)
 
-so a model is rebuilt from the file alone. Jittor's ``load_state_dict`` never raises and skips
+so a model is rebuilt from the file alone.
+
+Two layouts share the format. A *weights* checkpoint (kind "unet", "vqmodel", ...) names its
+arrays exactly as the network's parameters. A *training* checkpoint (kind "unet-train", ...)
+prefixes them: ``model/NAME`` (raw weights), ``ema/NAME`` (exponential moving average),
+``optim/...`` (optimizer state); ``weights_of`` extracts either set as plain names. Jittor's ``load_state_dict`` never raises and skips
 missing keys silently; ``load_weights`` compares key sets and shapes first and reports every
 difference in plain words.
 """
@@ -131,3 +136,23 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     }
     return arrays, info
 
+
+
+TRAIN_SUFFIX = "-train"
+WEIGHT_SETS = ("ema", "model")
+
+
+def weights_of(arrays: Mapping[str, np.ndarray], info: Mapping[str, Any],
+               which: str = "ema") -> tuple[dict[str, np.ndarray], str]:
+    """Plain network weights from a checkpoint and the network kind: the arrays themselves for
+    a weights checkpoint, the ``which`` set ("ema" or "model") of a training checkpoint."""
+    kind = str(info.get("kind", ""))
+    if not kind.endswith(TRAIN_SUFFIX):
+        return dict(arrays), kind
+    if which not in WEIGHT_SETS:
+        raise ValueError(f"weights_of: which must be one of {WEIGHT_SETS}, got {which!r}")
+    prefix = f"{which}/"
+    weights = {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
+    if not weights:
+        raise WeightsError(f"training checkpoint of kind {kind!r} holds no {which!r} weights")
+    return weights, kind[: -len(TRAIN_SUFFIX)]

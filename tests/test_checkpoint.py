@@ -58,3 +58,17 @@ def test_load_weights_into_jittor_module(jt):
     with pytest.raises(WeightsError, match="missing weight"):
         load_weights(conv, {"weight": state["weight"]})
     np.testing.assert_allclose(module_arrays(conv)["bias"], state["bias"], rtol=1e-6)
+
+
+def test_weights_of_training_and_weights_checkpoints():
+    from ldm.checkpoint import weights_of
+
+    plain = {"a": np.zeros(2)}
+    assert weights_of(plain, {"kind": "unet"}) == (plain, "unet")
+    train = {"model/a": np.zeros(2), "ema/a": np.ones(2), "optim/m.a": np.zeros(2)}
+    ema, kind = weights_of(train, {"kind": "unet-train"})
+    assert kind == "unet" and list(ema) == ["a"] and ema["a"][0] == 1
+    raw, _ = weights_of(train, {"kind": "unet-train"}, which="model")
+    assert raw["a"][0] == 0
+    with pytest.raises(WeightsError, match="no 'ema' weights"):
+        weights_of({"model/a": np.zeros(2)}, {"kind": "unet-train"})
