@@ -1,0 +1,121 @@
+"""The plug-in segmenter for M: it learns a tiny synthetic set, its checkpoint round-trips through
+tools/train_segmenter.py, and mask accuracy is plain pixel accuracy at the label map's size."""
+
+import numpy as np
+import pytest
+
+HEIGHT, WIDTH = 24, 32
+WIDTHS = "16,32,64"
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory):
+    from datasets.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("segsyn")
+    write_dataset(root, n=12, height=HEIGHT, width=WIDTH, seed=5, n_test=1)
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(jt, train_root, tmp_path_factory):
+    """A short run through the command line; returns (checkpoint path, training set)."""
+    from datasets import TrainingSet
+    from tools import train_segmenter
+
+    path = tmp_path_factory.mktemp("ckpt") / "segmenter.safetensors"
+    status = train_segmenter.main([str(train_root), "--out", str(path), "--height", str(HEIGHT),
+                                   "--width", str(WIDTH), "--steps", "6", "--batch_size", "8",
+                                   "--widths", WIDTHS, "--log_every", "3", "--cpu"])
+    assert status == 0
+    return path, TrainingSet(train_root, HEIGHT, WIDTH)
+
+
+def test_training_loss_falls_quickly(jt, train_root):
+    from datasets import TrainingSet, NUM_CLASSES
+    from tools.segmenter import SegmenterConfig
+    from tools.train_segmenter import train_segmenter
+
+    config = SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
+    _, history = train_segmenter(TrainingSet(train_root, HEIGHT, WIDTH), config, steps=60,
+                                 batch_size=8, lr=5e-3, log_every=5)
+    first, last = history[0][1], np.mean([loss for _, loss, _ in history[-3:]])
+    assert first > 0.5 * np.log(NUM_CLASSES)            # starts near chance
+    assert last < 0.6 * first
+
+
+@pytest.mark.slow
+def test_segmenter_learns_the_synthetic_set(jt, train_root, tmp_path):
+    from datasets import TrainingSet
+    from tools import train_segmenter
+    from tools.segmenter import load_segmenter, mask_accuracy
+
+    path = tmp_path / "segmenter.safetensors"
+    assert train_segmenter.main([str(train_root), "--out", str(path), "--height", str(HEIGHT),
+                                 "--width", str(WIDTH), "--steps", "400", "--batch_size", "8",
+                                 "--lr", "5e-3", "--widths", WIDTHS, "--log_every", "100", "--cpu"]) == 0
+    dataset = TrainingSet(train_root, HEIGHT, WIDTH)
+    model = load_segmenter(path)
+    accuracy = np.mean([mask_accuracy(model, dataset[i].image, dataset[i].label) for i in range(len(dataset))])
+    assert accuracy > 0.9
+
+
+def test_checkpoint_describes_itself_and_reloads_to_the_same_predictions(jt, checkpoint):
+    from ldm.checkpoint import read_checkpoint
+    from tools.segmenter import SegmenterConfig, load_segmenter, predict_labels
+
+    path, dataset = checkpoint
+    _, info = read_checkpoint(path)
+    assert info["kind"] == "segmenter" and info["extra"]["step"] == 6
+    assert SegmenterConfig.from_dict(info["config"]) == SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
+    images = np.stack([dataset[i].image for i in range(2)])
+    first, second = load_segmenter(path), load_segmenter(path)
+    np.testing.assert_array_equal(predict_labels(first, images), predict_labels(second, images))
+
+
+def test_any_input_size_gives_logits_of_that_size(jt):
+    from tools.segmenter import Segmenter, SegmenterConfig, to_input
+
+    model = Segmenter(SegmenterConfig(widths=(4, 8, 8), num_classes=5, height=13, width=19))
+    model.eval()
+    image = np.random.default_rng(0).integers(0, 256, (2, 13, 19, 3), dtype=np.uint8)
+    assert tuple(model(to_input(image)).shape) == (2, 5, 13, 19)
+
+
+def test_mask_accuracy_is_pixel_accuracy_at_the_label_size(jt, monkeypatch):
+    from tools import segmenter
+
+    model = segmenter.Segmenter(segmenter.SegmenterConfig(widths=(4,), height=4, width=6))
+    seen = {}
+
+    def fake_predict(model, images):
+        seen["shape"] = images.shape
+        return np.tile(np.array([0, 0, 1, 1, 2, 2], np.uint8), (1, 4, 1))    # [1, 4, 6]
+
+    monkeypatch.setattr(segmenter, "predict_labels", fake_predict)
+    label = np.repeat(np.array([0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2], np.uint8)[None], 8, 0)   # 8 x 12
+    image = np.zeros((16, 20, 3), np.uint8)
+    accuracy = segmenter.mask_accuracy(model, image, label)
+    assert seen["shape"] == (1, 4, 6, 3)                      # resized to the model's size first
+    upsampled = np.repeat(np.array([0, 0, 1, 1, 2, 2]), 2)     # nearest, 6 -> 12 columns
+    assert accuracy == pytest.approx(np.mean(upsampled == label[0]))
+    with pytest.raises(ValueError, match="differ in size"):
+        segmenter.pixel_accuracy(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+def test_loading_refuses_another_kind_of_checkpoint(jt, tmp_path):
+    from ldm.checkpoint import WeightsError, save_checkpoint
+    from tools.segmenter import load_segmenter
+
+    save_checkpoint(tmp_path / "x.safetensors", {"w": np.zeros(2, np.float32)}, "unet", {})
+    with pytest.raises(WeightsError, match="'unet' checkpoint"):
+        load_segmenter(tmp_path / "x.safetensors")
+
+
+def test_training_cli_reports_a_bad_root(jt, tmp_path, capsys):
+    from tools import train_segmenter
+
+    status = train_segmenter.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "s.safetensors"), "--cpu"])
+    assert status == 1
+    assert "nowhere" in capsys.readouterr().err
+    assert not (tmp_path / "s.safetensors").exists()

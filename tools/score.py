@@ -1,0 +1,391 @@
+"""Score generated images the challenge's way: mask accuracy M, aesthetic score A, FID, style
+similarity S and the total T (the IIDM paper's Eq. 8; the third Jittor AI Challenge's formula):
+
+    T = M/100 * [0.2*A + 0.3*(S*0.5 + 50) + 0.5*(100 - FID)]      (all in percent, FID capped at 100)
+
+    python tools/score.py --results OUT --input_path MASKS --img_path TRAIN_ROOT \
+        [--segmenter CKPT] [--aesthetic CKPT] [--inception pt_inception-2015-12-05-6726825d.pth] \
+        [--style_mode challenge|corrected] [--csv FILE] [--json FILE]
+    python tools/score.py total --M 94.15 --A 50.43 --FID 30.75 --S 63.76
+
+Layout: ``MASKS/NAME.png`` with ``MASKS/label_to_img.json`` (or ``--mapping FILE``) naming each
+mask's reference ``REF.jpg`` in ``TRAIN_ROOT/imgs``; results ``OUT/NAME.jpg``. Every mask must have its result: a
+missing one is an error that names it, before anything is scored.
+
+* S (tools/style_similarity.py) needs no model. ``--style_mode challenge`` (default) reproduces the
+  organisers' script, uint8 quirks included; ``corrected`` computes what it meant to. Both are in
+  the JSON summary.
+* M needs a segmenter trained by tools/train_segmenter.py; A a NIMA checkpoint (tools/aesthetic.py);
+  FID pytorch-fid's Inception weights (tools/fid.py), against all photos of ``TRAIN_ROOT/imgs``,
+  whose statistics are cached (``--fid_cache``). The organisers' SegFormer and aesthetic model are
+  not public, so M and A from plug-in models estimate the challenge's, they do not reproduce them.
+* A metric whose model is not given is reported as skipped, and T is then not computed: the
+  available terms are printed instead.
+
+Outputs: a per-image CSV (name, reference, S_rgb, S_hsv, S, pixel_accuracy, aesthetic; percent,
+empty when skipped), a JSON summary (metrics, modes, skipped metrics and why, model files), and a
+table on stdout. Both files are written atomically (default: beside the results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jittor_env  # noqa: E402
+from datasets import DataError, TestSet, load_label  # noqa: E402
+from datasets.io import IMAGE_SUFFIXES  # noqa: E402
+from datasets.landscape import find_image_folder  # noqa: E402
+from tools.style_similarity import DEFAULT_MODE, MODES, ImageReadError, read_bgr, style_similarity  # noqa: E402
+
+log = logging.getLogger("iidm.score")
+
+METRICS = ("M", "A", "FID", "S")
+FID_CAP = 100.0
+CSV_COLUMNS = ("name", "reference", "S_rgb", "S_hsv", "S", "pixel_accuracy", "aesthetic")
+
+
+# ------------------------------------------------------------------------------------- total
+def score_terms(M=None, A=None, FID=None, S=None) -> dict[str, float]:
+    """The bracket's terms of T for the metrics given (percent): 0.2*A, 0.3*(S*0.5 + 50),
+    0.5*(100 - min(FID, 100)); and the factor M/100."""
+    terms = {}
+    if A is not None:
+        terms["0.2*A"] = 0.2 * A
+    if S is not None:
+        terms["0.3*(S*0.5+50)"] = 0.3 * (S * 0.5 + 50.0)
+    if FID is not None:
+        terms["0.5*(100-FID)"] = 0.5 * (100.0 - min(FID, FID_CAP))
+    if M is not None:
+        terms["M/100"] = M / 100.0
+    return terms
+
+
+def total_score(M: float, A: float, FID: float, S: float) -> float:
+    """T = M/100 * [0.2*A + 0.3*(S*0.5 + 50) + 0.5*(100 - FID)], FID capped at 100 (all percent)."""
+    for name, value in (("M", M), ("A", A), ("FID", FID), ("S", S)):
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"T needs all four metrics; {name} is {value}")
+    return M / 100.0 * (0.2 * A + 0.3 * (S * 0.5 + 50.0) + 0.5 * (100.0 - min(FID, FID_CAP)))
+
+
+def total_lines(metrics: dict[str, float | None]) -> list[str]:
+    """Lines that state T, or say plainly that it is not computed, which metrics are missing, and
+    the terms that are available."""
+    missing = [name for name in METRICS if metrics.get(name) is None]
+    if not missing:
+        lines = [f"T: {total_score(*(metrics[name] for name in METRICS)):.2f}"]
+        if metrics["FID"] > FID_CAP:
+            lines.append(f"   (FID {metrics['FID']:.2f} counted as {FID_CAP:.0f} in T)")
+        return lines
+    terms = score_terms(**{name: metrics.get(name) for name in METRICS})
+    lines = [f"T: not computed ({', '.join(missing)} skipped)"]
+    if terms:
+        lines.append("   available terms: " + ", ".join(f"{k} = {v:.2f}" for k, v in terms.items()))
+    return lines
+
+
+# ------------------------------------------------------------------------------------ scoring
+@dataclass
+class ImageScore:
+    """One result image; S values, pixel accuracy and aesthetic in percent (None: skipped)."""
+
+    name: str
+    reference: str
+    s_rgb: float
+    s_hsv: float
+    s: float
+    pixel_accuracy: float | None = None
+    aesthetic: float | None = None
+
+    def row(self) -> list[str]:
+        def fmt(value):
+            return "" if value is None else f"{value:.4f}"
+        return [self.name, self.reference, fmt(self.s_rgb), fmt(self.s_hsv), fmt(self.s),
+                fmt(self.pixel_accuracy), fmt(self.aesthetic)]
+
+
+@dataclass
+class Report:
+    images: list[ImageScore]
+    metrics: dict[str, float | None]
+    skipped: dict[str, str]
+    details: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        metrics = dict(self.metrics)
+        metrics["T"] = (total_score(*(metrics[n] for n in METRICS))
+                        if all(metrics.get(n) is not None for n in METRICS) else None)
+        return {"metrics": metrics, "skipped": self.skipped, **self.details,
+                "terms": score_terms(**{n: self.metrics.get(n) for n in METRICS})}
+
+
+def _mean(values):
+    return float(sum(values) / len(values))
+
+
+def _result_paths(results: Path, names: list[str]) -> list[Path]:
+    paths = [results / f"{name}.jpg" for name in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise DataError(f"{results}: {len(missing)} of {len(paths)} results not found: {shown} "
+                        "(every mask needs its NAME.jpg)")
+    return paths
+
+
+def training_images(img_root: Path) -> list[Path]:
+    """All photos of the training root's imgs/ (or of the folder itself), sorted."""
+    folder = find_image_folder(img_root)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise DataError(f"{folder}: no training photos found for FID")
+    return paths
+
+
+def score_results(results: Path, mask_dir: Path, img_root: Path, style_mode: str = DEFAULT_MODE,
+                  segmenter=None, aesthetic=None, inception=None, inception_path: Path | None = None,
+                  fid_cache: Path | None = None, batch_size: int = 50, log_every: int = 100,
+                  mapping_file: Path | None = None) -> Report:
+    """Score every ``results/NAME.jpg`` against its mask and reference. ``segmenter``, ``aesthetic``
+    and ``inception`` are loaded networks or None (skipped)."""
+    test_set = TestSet(mask_dir, img_root, mapping_file=mapping_file)
+    paths = _result_paths(Path(results), test_set.names)
+    other_mode = next(m for m in MODES if m != style_mode)
+    if segmenter is not None:
+        from tools.segmenter import mask_accuracy
+    if aesthetic is not None:
+        from tools.aesthetic import aesthetic_percent
+    images, other = [], []
+    start = time.time()
+    for index, (name, path) in enumerate(zip(test_set.names, paths)):
+        mask_path = test_set.mask_paths[index]
+        reference_name = test_set.mapping[mask_path.name]
+        output = read_bgr(path)
+        # The reference as the script reads it: cv2.imread, at its own size.
+        reference = read_bgr(test_set.image_dir / reference_name)
+        s = style_similarity(output, reference, style_mode)
+        other.append(style_similarity(output, reference, other_mode))
+        score = ImageScore(name, reference_name, 100 * s.rgb, 100 * s.hsv, 100 * s.value)
+        rgb = output[..., ::-1]
+        if segmenter is not None:
+            label = load_label(mask_path, test_set.num_classes)
+            score.pixel_accuracy = 100 * mask_accuracy(segmenter, rgb.copy(), label)
+        if aesthetic is not None:
+            score.aesthetic = float(aesthetic_percent(aesthetic, [rgb.copy()])[0])
+        images.append(score)
+        if (index + 1) % log_every == 0:
+            log.info("scored %d/%d images (%.0f s)", index + 1, len(paths), time.time() - start)
+
+    metrics: dict[str, float | None] = {name: None for name in METRICS}
+    skipped: dict[str, str] = {}
+    metrics["S"] = _mean([i.s for i in images])
+    details = {
+        "images": len(images),
+        "results": str(results), "input_path": str(mask_dir), "img_path": str(img_root),
+        "style_similarity": {
+            "mode": style_mode, "S": metrics["S"],
+            "S_rgb": _mean([i.s_rgb for i in images]), "S_hsv": _mean([i.s_hsv for i in images]),
+            other_mode: {"S": 100 * _mean([o.value for o in other]),
+                         "S_rgb": 100 * _mean([o.rgb for o in other]),
+                         "S_hsv": 100 * _mean([o.hsv for o in other])},
+        },
+        "models": {"segmenter": None, "aesthetic": None, "inception": None},
+    }
+    if segmenter is not None:
+        metrics["M"] = _mean([i.pixel_accuracy for i in images])
+    else:
+        skipped["M"] = "no segmenter given (--segmenter)"
+    if aesthetic is not None:
+        metrics["A"] = _mean([i.aesthetic for i in images])
+    else:
+        skipped["A"] = "no aesthetic model given (--aesthetic)"
+    if inception is None:
+        skipped["FID"] = "no Inception weights given (--inception)"
+    elif len(paths) < 2:
+        skipped["FID"] = f"FID needs at least 2 results, got {len(paths)}"
+    else:
+        metrics["FID"], details["fid"] = _fid(paths, img_root, inception, inception_path, fid_cache, batch_size)
+    return Report(images, metrics, skipped, details)
+
+
+def _fid(paths, img_root, inception, inception_path, fid_cache, batch_size):
+    from tools import fid
+
+    feature_fn = fid.inception_features(inception)
+    train_paths = training_images(img_root)
+    weights_id = fid.file_digest(inception_path) if inception_path else "in-memory"
+    cache_dir = Path(fid_cache) if fid_cache else default_fid_cache()
+
+    def progress(what):
+        def report(done, total):
+            if done == total or done % (batch_size * 20) < batch_size:
+                log.info("FID features of %s: %d/%d", what, done, total)
+        return report
+
+    train = fid.cached_statistics(train_paths, feature_fn, weights_id, cache_dir, batch_size,
+                                  progress("training photos"))
+    log.info("training statistics %s %s", "read from" if train.from_cache else "written to", train.path)
+    mu, sigma = fid.activation_statistics(paths, feature_fn, batch_size, progress("results"))
+    value = fid.frechet_distance(mu, sigma, train.mu, train.sigma)
+    return value, {"results": len(paths), "training_images": len(train_paths),
+                   "training_statistics": str(train.path), "statistics_from_cache": train.from_cache,
+                   "capped_at_100_in_T": value > FID_CAP}
+
+
+def default_fid_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "iidm-jittor" / "fid"
+
+
+# ------------------------------------------------------------------------------------ output
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_csv(path: Path, images: list[ImageScore]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for image in images:
+        writer.writerow(image.row())
+    _atomic_write_text(path, buffer.getvalue())
+
+
+def write_json(path: Path, summary: dict) -> None:
+    _atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=False) + "\n")
+
+
+def table_lines(report: Report) -> list[str]:
+    """The printed summary: one line per metric, then T (or why not)."""
+    style = report.details["style_similarity"]
+    notes = {
+        "M": "mask accuracy, plug-in segmenter (%)",
+        "A": "aesthetic score, 10 x NIMA mean (%)",
+        "FID": "against the training photos",
+        "S": f"style similarity, {style['mode']} mode (%)",
+    }
+    lines = [f"{report.details['images']} images", f"{'metric':<6} {'value':>8}  note"]
+    for name in METRICS:
+        value = report.metrics.get(name)
+        shown = f"{value:8.2f}" if value is not None else f"{'skipped':>8}"
+        note = notes[name] if value is not None else report.skipped.get(name, "")
+        lines.append(f"{name:<6} {shown}  {note}")
+    lines.append(f"{'':<6} {'':>8}  S_rgb {style['S_rgb']:.2f}, S_hsv {style['S_hsv']:.2f}")
+    return lines + total_lines(report.metrics)
+
+
+# -------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, required=True, help="folder of generated NAME.jpg")
+    parser.add_argument("--input_path", type=Path, required=True, help="masks folder with label_to_img.json")
+    parser.add_argument("--img_path", type=Path, required=True, help="training root (imgs/ holds the references)")
+    parser.add_argument("--mapping", type=Path,
+                        help="mask -> reference JSON (default INPUT_PATH/label_to_img.json)")
+    parser.add_argument("--segmenter", type=Path, help="segmenter checkpoint (tools/train_segmenter.py) for M")
+    parser.add_argument("--aesthetic", type=Path, help="NIMA checkpoint for A (tools/aesthetic.py)")
+    parser.add_argument("--inception", type=Path,
+                        help="pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth) for FID")
+    parser.add_argument("--style_mode", choices=MODES, default=DEFAULT_MODE,
+                        help="challenge: the organisers' script with its uint8 quirks; "
+                             "corrected: the intended histograms")
+    parser.add_argument("--fid_cache", type=Path,
+                        help=f"folder for cached training statistics (default {default_fid_cache()})")
+    parser.add_argument("--batch_size", type=int, default=50, help="images per Inception batch")
+    parser.add_argument("--csv", type=Path, help="per-image CSV (default RESULTS/scores.csv)")
+    parser.add_argument("--json", type=Path, help="JSON summary (default RESULTS/scores.json)")
+    jittor_env.add_arguments(parser)
+    return parser
+
+
+def build_total_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="score.py total", description="T from given metrics (percent).")
+    for name in METRICS:
+        parser.add_argument(f"--{name}", type=float,
+                            help=f"{name} in percent" + (" (capped at 100 in T)" if name == "FID" else ""))
+    return parser
+
+
+def main_total(argv) -> int:
+    args = build_total_parser().parse_args(argv)
+    metrics = {name: getattr(args, name) for name in METRICS}
+    for name in METRICS:
+        print(f"{name:<4} {metrics[name]:8.2f}" if metrics[name] is not None else f"{name:<4} {'not given':>9}")
+    for line in total_lines(metrics):
+        print(line)
+    return 0
+
+
+def _load_models(args):
+    """Load the networks given on the command line (Jittor is set up only when one is needed)."""
+    models = {"segmenter": None, "aesthetic": None, "inception": None}
+    if not (args.segmenter or args.aesthetic or args.inception):
+        return models
+    jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+    if args.segmenter:
+        from tools.segmenter import load_segmenter
+        models["segmenter"] = load_segmenter(args.segmenter)
+    if args.aesthetic:
+        from tools.aesthetic import load_aesthetic
+        models["aesthetic"] = load_aesthetic(args.aesthetic)
+    if args.inception:
+        from tools.fid import load_inception
+        models["inception"] = load_inception(args.inception)
+    return models
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["total"]:
+        return main_total(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    from ldm.checkpoint import WeightsError
+
+    try:
+        models = _load_models(args)
+        report = score_results(args.results, args.input_path, args.img_path, args.style_mode,
+                               segmenter=models["segmenter"], aesthetic=models["aesthetic"],
+                               inception=models["inception"], inception_path=args.inception,
+                               fid_cache=args.fid_cache, batch_size=args.batch_size,
+                               mapping_file=args.mapping)
+    except (DataError, ImageReadError, WeightsError, ValueError) as exc:
+        print(f"score: {exc}", file=sys.stderr)
+        return 1
+    report.details["models"] = {name: (str(getattr(args, name)) if getattr(args, name) else None)
+                                for name in ("segmenter", "aesthetic", "inception")}
+    csv_path = args.csv or args.results / "scores.csv"
+    json_path = args.json or args.results / "scores.json"
+    write_csv(csv_path, report.images)
+    write_json(json_path, report.summary())
+    for line in table_lines(report):
+        print(line)
+    print(f"per-image scores: {csv_path}\nsummary: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
