@@ -3,6 +3,7 @@
     python bench/bench_unet.py                                   # tiny and demo, batch 1 and 4
     python bench/bench_unet.py --presets iidm --batches 1 --forward-only
     python bench/bench_unet.py --precisions fp32,fp16            # on a CUDA machine
+    IIDM_KERNELS=0 python bench/bench_unet.py                    # CPU: plain Jittor ops, no kernels
 
 FLOPs are 2 per multiply-add of every convolution, linear layer and attention matmul, counted
 from the shapes the model actually sees in one forward (norms, activations and additions are not

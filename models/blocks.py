@@ -22,7 +22,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
-from models.layers import GroupNorm, SiLU, group_norm
+from models.layers import GroupNorm, SiLU, group_norm_act, qkv_attention_legacy
 
 # SPADE's hidden width (SDM and NVlabs/SPADE: nhidden = 128).
 SPADE_HIDDEN_CHANNELS = 128
@@ -119,15 +119,20 @@ class PointwiseConv1d(nn.Module):
 
 
 class GroupNorm32(GroupNorm):
-    """guided-diffusion's ``GroupNorm32``: affine group norm computed in float32, cast back."""
+    """guided-diffusion's ``GroupNorm32``: affine group norm computed in float32, cast back.
+
+    ``norm(x, scale=, shift=, silu=)`` also applies what follows the norm in the blocks,
+    silu(norm(x) * (1 + scale) + shift), as one op (``models.layers.group_norm_act``; one fused
+    kernel on the CPU).
+    """
 
     def __init__(self, num_groups: int, num_channels: int):
         super().__init__(num_groups, num_channels, eps=GROUP_NORM_EPS, affine=True)
 
-    def execute(self, x: jt.Var) -> jt.Var:
-        if x.dtype == "float32":
-            return super().execute(x)
-        return super().execute(x.float32()).cast(x.dtype)
+    def execute(self, x: jt.Var, scale: jt.Var | None = None, shift: jt.Var | None = None,
+                silu: bool = False) -> jt.Var:
+        return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps,
+                              scale=scale, shift=shift, silu=silu)
 
 
 class TimestepBlock(nn.Module):
@@ -191,6 +196,8 @@ class SPADEGroupNorm(nn.Module):
     (2) predict a per-pixel scale and shift from the mask, resized nearest to (H, W):
     a = ReLU(conv3x3(mask)) with ``hidden`` channels (``mlp_shared``), gamma = conv3x3(a)
     (``mlp_gamma``), beta = conv3x3(a) (``mlp_beta``); return norm(x) * (1 + gamma) + beta.
+    ``spade(x, mask, scale=, shift=, silu=)`` continues with the block's timestep FiLM and
+    SiLU, silu(spade(x, mask) * (1 + scale) + shift), in the same fused op.
     """
 
     def __init__(self, norm_channels: int, mask_channels: int, num_groups: int = 32,
@@ -203,11 +210,12 @@ class SPADEGroupNorm(nn.Module):
         self.mlp_gamma = conv3x3(hidden_channels, norm_channels)
         self.mlp_beta = conv3x3(hidden_channels, norm_channels)
 
-    def execute(self, x: jt.Var, mask: jt.Var) -> jt.Var:
-        normalized = group_norm(x.float32(), self.num_groups, eps=GROUP_NORM_EPS).cast(x.dtype)
+    def execute(self, x: jt.Var, mask: jt.Var, scale: jt.Var | None = None,
+                shift: jt.Var | None = None, silu: bool = False) -> jt.Var:
         mask = resize_nearest(mask, x.shape[2], x.shape[3])
         actv = self.mlp_shared(mask)
-        return normalized * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+        return group_norm_act(x, self.num_groups, eps=GROUP_NORM_EPS, gamma=self.mlp_gamma(actv),
+                              beta=self.mlp_beta(actv), scale=scale, shift=shift, silu=silu)
 
 
 def _film(emb_out: jt.Var, out_channels: int) -> tuple[jt.Var, jt.Var]:
@@ -252,8 +260,9 @@ class ResBlock(TimestepBlock):
             self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
 
     def execute(self, x: jt.Var, emb: jt.Var) -> jt.Var:
-        norm, act, conv = self.in_layers[0], self.in_layers[1], self.in_layers[2]
-        h = act(norm(x))
+        # The norms apply the SiLU that follows them (in_layers[1], out_layers[1]) fused.
+        norm, conv = self.in_layers[0], self.in_layers[2]
+        h = norm(x, silu=True)
         if self.updown:
             h, x = self.h_upd(h), self.x_upd(x)
         h = conv(h)
@@ -261,10 +270,10 @@ class ResBlock(TimestepBlock):
         out_norm = self.out_layers[0]
         if self.use_scale_shift_norm:
             scale, shift = _film(emb_out, self.out_channels)
-            h = out_norm(h) * (1 + scale) + shift
+            h = out_norm(h, scale=scale, shift=shift, silu=True)
         else:
-            h = out_norm(h + emb_out[:, :, None, None])
-        for layer in list(self.out_layers)[1:]:
+            h = out_norm(h + emb_out[:, :, None, None], silu=True)
+        for layer in list(self.out_layers)[2:]:
             h = layer(h)
         return self.skip_connection(x) + h
 
@@ -309,18 +318,20 @@ class SDMResBlock(MaskBlock):
             self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
 
     def execute(self, x: jt.Var, emb: jt.Var, mask: jt.Var) -> jt.Var:
-        act, conv = self.in_layers[0], self.in_layers[1]
-        h = act(self.in_norm(x, mask))
+        # The SPADE norms apply the SiLU that follows them (in_layers[0], out_layers[0]) fused.
+        h = self.in_norm(x, mask, silu=True)
         if self.updown:
             h, x = self.h_upd(h), self.x_upd(x)
-        h = conv(h)
+        h = self.in_layers[1](h)
         emb_out = self.emb_layers(emb).cast(h.dtype)
         if self.use_scale_shift_norm:
             scale, shift = _film(emb_out, self.out_channels)
-            h = self.out_norm(h, mask) * (1 + scale) + shift
+            h = self.out_norm(h, mask, scale=scale, shift=shift, silu=True)
         else:
-            h = self.out_norm(h + emb_out[:, :, None, None], mask)
-        return self.skip_connection(x) + self.out_layers(h)
+            h = self.out_norm(h + emb_out[:, :, None, None], mask, silu=True)
+        for layer in list(self.out_layers)[1:]:
+            h = layer(h)
+        return self.skip_connection(x) + h
 
 
 class QKVAttentionLegacy(nn.Module):
@@ -329,23 +340,14 @@ class QKVAttentionLegacy(nn.Module):
     qkv [B, H * 3 * c, T] -> per head (B*H, 3c, T) -> q, k, v (B*H, c, T);
     w = softmax_s((q / c^(1/4))^T (k / c^(1/4))) computed in float32; out_t = sum_s w_ts v_s
     -> [B, H * c, T]. (Vaswani et al. 2017; scaling split between q and k as in the reference.)
+    Computed by ``models.layers.qkv_attention_legacy`` (a oneDNN-backed kernel on the CPU).
     """
 
     def __init__(self, n_heads: int):
         self.n_heads = n_heads
 
     def execute(self, qkv: jt.Var) -> jt.Var:
-        bs, width, length = qkv.shape
-        if width % (3 * self.n_heads):
-            raise ValueError(f"QKVAttentionLegacy: width {width} is not 3 x {self.n_heads} heads x c")
-        ch = width // (3 * self.n_heads)
-        qkv = qkv.reshape((bs * self.n_heads, 3 * ch, length))
-        q, k, v = qkv[:, :ch], qkv[:, ch:2 * ch], qkv[:, 2 * ch:]
-        scale = 1.0 / math.sqrt(math.sqrt(ch))
-        weight = nn.bmm((q * scale).transpose((0, 2, 1)), k * scale)  # [B*H, T, S]
-        weight = nn.softmax(weight.float32(), dim=-1).cast(qkv.dtype)
-        out = nn.bmm(v, weight.transpose((0, 2, 1)))  # [B*H, c, T]
-        return out.reshape((bs, self.n_heads * ch, length))
+        return qkv_attention_legacy(qkv, self.n_heads)
 
 
 class AttentionBlock(nn.Module):

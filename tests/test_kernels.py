@@ -1,0 +1,249 @@
+"""The CPU kernels of ``models/kernels.py`` against float64 numpy references, and their selection.
+
+References are written here from the equations: forwards in float64 numpy, gradients by central
+differences of those float64 forwards (independent of the kernels' hand-written backwards).
+Inputs include a large mean (+100: a one-pass variance errs ~3e-2 there), odd sizes and batch 1.
+``PARALLEL_MIN_ELEMENTS`` is set to 0 so the small tensors take the multi-threaded path.
+"""
+
+import numpy as np
+import pytest
+
+# ------------------------------------------------------------------ float64 numpy references
+
+
+def np_group_norm_act(x, groups, weight=None, bias=None, gamma=None, beta=None, scale=None,
+                      shift=None, silu=False, eps=1e-5):
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1)
+    mean = g.mean(axis=2, keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=2, keepdims=True)
+    z = ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    per_channel = (1, c) + (1,) * (x.ndim - 2)
+    if weight is not None:
+        z = z * weight.reshape(per_channel) + bias.reshape(per_channel)
+    if gamma is not None:
+        z = z * (1 + gamma) + beta
+    if scale is not None:
+        z = z * (1 + scale) + shift
+    return z / (1 + np.exp(-z)) if silu else z
+
+
+def np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def np_attention_legacy(qkv, heads):
+    b, width, length = qkv.shape
+    c = width // (3 * heads)
+    per_head = qkv.reshape(b * heads, 3 * c, length)
+    q, k, v = per_head[:, :c], per_head[:, c:2 * c], per_head[:, 2 * c:]
+    logits = np.einsum("hct,hcs->hts", q, k) / np.sqrt(c)
+    w = np.exp(logits - logits.max(axis=2, keepdims=True))
+    w /= w.sum(axis=2, keepdims=True)
+    return np.einsum("hts,hcs->hct", w, v).reshape(b, heads * c, length)
+
+
+def numeric_gradients(fn, arrays, probe, step=1e-6):
+    """d sum(fn(*arrays) * probe) / d array for every array, by central differences in float64."""
+    grads = []
+    for index, array in enumerate(arrays):
+        grad = np.zeros_like(array)
+        for position in np.ndindex(*array.shape):
+            values = [a.copy() for a in arrays]
+            values[index][position] += step
+            plus = (fn(*values) * probe).sum()
+            values[index][position] -= 2 * step
+            minus = (fn(*values) * probe).sum()
+            grad[position] = (plus - minus) / (2 * step)
+        grads.append(grad)
+    return grads
+
+
+def assert_close_scaled(got, expected, tol, what):
+    """|got - expected| <= tol * max|expected| (gradients of different sizes share one bound)."""
+    scale = max(float(np.abs(expected).max()), 1e-3)
+    error = float(np.abs(got - expected).max())
+    assert error <= tol * scale, f"{what}: max error {error:.3g} > {tol} x {scale:.3g}"
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    from models import kernels
+
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", 0)
+    return kernels
+
+
+# ------------------------------------------------------------------ group norm (fused)
+
+# The variants the U-Net uses: GroupNorm; GroupNorm32 + SiLU; ResBlock's out norm with the
+# timestep FiLM; SPADE + SiLU; SPADE + FiLM + SiLU (SDMResBlock's out norm); and no affine.
+VARIANTS = {
+    "affine": dict(affine=True),
+    "affine_silu": dict(affine=True, silu=True),
+    "affine_film_silu": dict(affine=True, film=True, silu=True),
+    "spade_silu": dict(spade=True, silu=True),
+    "spade_film_silu": dict(spade=True, film=True, silu=True),
+    "plain": dict(),
+}
+
+
+def group_norm_case(rng, shape, variant, offset):
+    """float32 inputs (x with mean ``offset``) and their roles for one variant."""
+    n, c = shape[:2]
+    spec = VARIANTS[variant]
+    x = rng.standard_normal(shape) * 1.5 + offset
+    named = {"x": x}
+    if spec.get("affine"):
+        named["weight"], named["bias"] = 1 + 0.5 * rng.standard_normal(c), rng.standard_normal(c)
+    if spec.get("spade"):
+        named["gamma"], named["beta"] = 0.5 * rng.standard_normal(shape), rng.standard_normal(shape)
+    if spec.get("film"):
+        film = (n, c) + (1,) * (len(shape) - 2)
+        named["scale"], named["shift"] = 0.5 * rng.standard_normal(film), rng.standard_normal(film)
+    return {k: v.astype(np.float32) for k, v in named.items()}, bool(spec.get("silu"))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("shape, groups, offset", [((2, 6, 5, 7), 3, 100.0), ((1, 4, 3, 5), 2, 0.0)],
+                         ids=["batch2_mean100", "batch1"])
+def test_group_norm_act_matches_float64(jt, threaded, variant, shape, groups, offset):
+    rng = np.random.default_rng([list(VARIANTS).index(variant), shape[0]])
+    named, silu = group_norm_case(rng, shape, variant, offset)
+    names = list(named)
+
+    def reference(*arrays):
+        return np_group_norm_act(arrays[0], groups, silu=silu, **dict(zip(names[1:], arrays[1:])))
+
+    inputs = {k: jt.array(v) for k, v in named.items()}
+    y = threaded.group_norm_act(inputs["x"], groups, inputs.get("weight"), inputs.get("bias"),
+                                gamma=inputs.get("gamma"), beta=inputs.get("beta"),
+                                scale=inputs.get("scale"), shift=inputs.get("shift"), silu=silu)
+    arrays64 = [v.astype(np.float64) for v in named.values()]
+    # At mean 100 the float32 mean the kernel subtracts is itself rounded by up to ~4e-6.
+    np.testing.assert_allclose(y.numpy(), reference(*arrays64), rtol=0, atol=2e-5)
+
+    probe = rng.standard_normal(shape)
+    loss = (y * jt.array(probe.astype(np.float32))).sum()
+    grads = jt.grad(loss, [inputs[k] for k in names])
+    expected = numeric_gradients(reference, arrays64, probe)
+    for name, got, want in zip(names, grads, expected):
+        assert got.shape == list(named[name].shape)
+        assert_close_scaled(got.numpy(), want, 2e-5, f"d/d{name}")
+
+
+def test_group_norm_act_rejects_bad_shapes(jt):
+    from models import kernels
+
+    x = jt.zeros((2, 6, 3, 3))
+    with pytest.raises(ValueError, match="not divisible into 4 groups"):
+        kernels.group_norm_act(x, 4)
+    with pytest.raises(ValueError, match=r"gamma must be shaped like x \[2, 6, 3, 3\]"):
+        kernels.group_norm_act(x, 3, gamma=jt.zeros((2, 6, 1, 1)), beta=jt.zeros((2, 6, 1, 1)))
+    with pytest.raises(ValueError, match=r"scale must be \[N, C\] = \[2, 6\]"):
+        kernels.group_norm_act(x, 3, scale=jt.zeros((2, 6, 3, 3)), shift=jt.zeros((2, 6, 3, 3)))
+    with pytest.raises(ValueError, match="weight and bias together"):
+        kernels.group_norm_act(x, 3, jt.ones((6,)))
+
+
+# ------------------------------------------------------------------ SiLU and attention
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_silu_matches_float64(jt, threaded, offset):
+    rng = np.random.default_rng(3)
+    # Odd size; values out to +-30 check that exp(-x) over- and underflow is harmless.
+    x = (rng.standard_normal((1, 5, 7, 3)) * 10 + offset).astype(np.float32)
+    x.flat[:2] = [-30.0, 30.0]
+    xv = jt.array(x)
+    y = threaded.silu(xv)
+    np.testing.assert_allclose(y.numpy(), np_silu(x.astype(np.float64)), rtol=1e-6, atol=1e-6)
+    probe = rng.standard_normal(x.shape)
+    grad = jt.grad((y * jt.array(probe.astype(np.float32))).sum(), xv).numpy()
+    expected = numeric_gradients(np_silu, [x.astype(np.float64)], probe)[0]
+    assert_close_scaled(grad, expected, 1e-5, "d silu / dx")
+
+
+@pytest.mark.parametrize("batch, heads, key_offset", [(2, 2, 0.0), (1, 1, 20.0)],
+                         ids=["heads_in_parallel", "rows_in_parallel_key_mean20"])
+def test_attention_matches_float64(jt, threaded, batch, heads, key_offset):
+    if not threaded.has_sgemm():
+        pytest.skip("Jittor's oneDNN ops are not loaded (use_mkl=0)")
+    rng = np.random.default_rng(4)
+    channels, length = 3, 7  # odd head width and sequence length
+    qkv = rng.standard_normal((batch, heads, 3, channels, length))
+    # A key mean shifts each row of logits by a constant (up to ~50 here): harmless to the
+    # softmax only if it subtracts the row maximum before exp.
+    qkv[:, :, 1] += key_offset
+    qkv = qkv.reshape(batch, heads * 3 * channels, length).astype(np.float32)
+    qkv_v = jt.array(qkv)
+    out = threaded.qkv_attention_legacy(qkv_v, heads)
+    reference = lambda a: np_attention_legacy(a, heads)  # noqa: E731
+    assert_close_scaled(out.numpy(), reference(qkv.astype(np.float64)), 1e-5, "attention")
+    probe = rng.standard_normal(out.shape)
+    grad = jt.grad((out * jt.array(probe.astype(np.float32))).sum(), qkv_v).numpy()
+    expected = numeric_gradients(reference, [qkv.astype(np.float64)], probe)[0]
+    assert_close_scaled(grad, expected, 5e-5, "d attention / d qkv")
+
+
+# ------------------------------------------------------------------ selection and the U-Net
+
+
+def test_layers_route_through_kernels_on_cpu_only_when_enabled(jt, monkeypatch):
+    from models import kernels, layers
+
+    if jt.flags.use_cuda:
+        pytest.skip("the kernels are CPU-only; on CUDA the plain ops always run")
+    calls = []
+    real = kernels.group_norm_act
+    monkeypatch.setattr(kernels, "group_norm_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = jt.array(np.arange(2 * 4 * 3, dtype=np.float32).reshape(2, 4, 3))
+    monkeypatch.delenv(layers.KERNELS_ENV, raising=False)
+    assert layers.kernels_enabled()
+    on = layers.group_norm(x, 2).numpy()
+    assert calls == [1]
+    with layers.use_kernels(False):
+        off = layers.group_norm(x, 2).numpy()
+    assert calls == [1]
+    monkeypatch.setenv(layers.KERNELS_ENV, "0")
+    assert not layers.kernels_enabled()
+    layers.group_norm(x, 2)
+    assert calls == [1]
+    with layers.use_kernels(True):
+        layers.group_norm(x.float16(), 2)  # float16 takes the reference path (graph only: lazy)
+    assert calls == [1]
+    np.testing.assert_allclose(on, off, rtol=0, atol=1e-6)
+
+
+def test_unet_with_kernels_equals_reference_path(jt):
+    """The tiny U-Net's output and parameter gradients with kernels on and off (same weights)."""
+    from models import UNetModel, unet_preset
+    from models.layers import use_kernels
+
+    if jt.flags.use_cuda:
+        pytest.skip("the kernels are CPU-only")
+    jt.set_global_seed(0)
+    config = unet_preset("tiny")
+    model = UNetModel(config)
+    rng = np.random.default_rng(5)
+    for p in model.parameters():  # zero-initialised layers would hide half the network
+        p.update(jt.array((0.2 * rng.standard_normal(p.shape)).astype(np.float32)))
+    height, width = 8, 12
+    x = jt.array(rng.standard_normal((2, config.in_channels, height, width)).astype(np.float32))
+    t = jt.array(np.array([3, 917]))
+    labels = rng.integers(0, config.num_classes, size=(2, height, width))
+    mask = jt.array(np.eye(config.num_classes, dtype=np.float32)[labels].transpose(0, 3, 1, 2).copy())
+    probe = jt.array(rng.standard_normal((2, config.out_channels, height, width)).astype(np.float32))
+    params = model.parameters()
+    results = {}
+    for enabled in (True, False):
+        with use_kernels(enabled):
+            out = model(x, t, mask)
+            grads = jt.grad((out * probe).sum(), params)
+            results[enabled] = (out.numpy(), [g.numpy() for g in grads])
+    (out_on, grads_on), (out_off, grads_off) = results[True], results[False]
+    assert np.abs(out_off).max() > 0.1  # not a trivially zero network
+    assert_close_scaled(out_on, out_off, 1e-5, "U-Net output")
+    for p, g_on, g_off in zip(params, grads_on, grads_off):
+        assert_close_scaled(g_on, g_off, 2e-5, f"d/d{p.name()}")
