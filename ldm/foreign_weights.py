@@ -1,0 +1,637 @@
+"""Read weights written by PyTorch, PyTorch Lightning and Jittor, without torch, without Jittor and
+without executing anything from the file.
+
+Formats, recognised by content rather than by suffix:
+
+* PyTorch zip checkpoints (``torch.save`` since 1.6; ``.pt``, ``.pth``, ``.ckpt``): a zip holding
+  ``PREFIX/data.pkl`` (the pickled object tree, protocol 2), ``PREFIX/data/KEY`` (raw storage bytes,
+  one file per storage) and, in newer files, ``PREFIX/byteorder``. A tensor in the pickle is
+  ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`` where the storage is a
+  persistent id ``('storage', torch.FloatStorage, KEY, location, numel)``; it is rebuilt here with
+  numpy from the storage's dtype, offset, size and stride (bounds checked). Storages are read only
+  for the tensors that are returned. Half stays float16; BFloat16 becomes float32 (numpy has none).
+  The pre-1.6 non-zip format is refused with a message saying how to re-save it.
+* Lightning checkpoints: the same zip, with the weights under ``state_dict``.
+* Jittor ``.pkl`` (``jt.save``): a protocol-4 pickle of dicts of ``jittor_core.Var`` (each pickled
+  as a numpy array), followed by its SHA-1 and ``b"HCAJSLHD"``; the checksum is verified.
+* Plain pickles of dicts of numpy arrays.
+* safetensors: this project's checkpoints (``ldm.checkpoint.read_checkpoint``, config and all)
+  and plain safetensors files.
+
+Safety policy. Unpickling goes through ``RestrictedUnpickler``, whose ``find_class`` hands out only
+a fixed whitelist: ``collections.OrderedDict``, the torch tensor/parameter/storage rebuilders,
+numpy's array/dtype/scalar reconstruction, Jittor's ``Var`` (as "the array inside it") and
+``_codecs.encode`` for latin-1 bytes. Each is replaced by a function written here that builds
+numeric numpy arrays from validated arguments; nothing from torch, numpy internals, Jittor or the
+file is imported or called. Arrays of object, string or structured dtype are refused.
+
+Any other global (``os.system``, ``builtins.eval``, a Lightning callback class...) is never imported
+or called. With ``strict=True`` it is refused at once: ``UnsafeFileError`` names the file and the
+refused ``module.name``. By default it is replaced by an inert stand-in (calling, building or
+filling it does nothing), because published Lightning checkpoints, LDM's and taming's among them,
+pickle ``pytorch_lightning.callbacks...ModelCheckpoint`` in their ``callbacks`` section, which we
+must be able to skip. Then only the weights are read: the top-level dict, or its ``state_dict`` when
+there is one. A stand-in anywhere in the weights refuses the file with ``UnsafeFileError`` naming
+it; the other sections (``callbacks``, ``optimizer_states``, ``hyper_parameters``...) are dropped
+unread, and ``info`` lists them and every refused name met there, so callers can report them.
+Either way no code from the file runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import math
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from ldm.checkpoint import FORMAT_NAME, WeightsError, read_checkpoint
+
+JITTOR_MARKER = b"HCAJSLHD"
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+ALLOWED_KINDS = "biufc"  # numpy dtype kinds accepted: bool, int, uint, float, complex
+WEIGHTS_SECTION = "state_dict"  # where Lightning (and many others) keep the weights
+
+
+class UnsafeFileError(WeightsError):
+    """The file asks to run or build something outside the whitelist."""
+
+
+def _refusal(source: str, qualified: str, where: str = "") -> UnsafeFileError:
+    return UnsafeFileError(
+        f"{source}: refused to load {qualified}{where}: weight files may only hold arrays/tensors, "
+        "dicts, lists and plain values, and nothing in them is executed")
+
+
+# ------------------------------------------------------------------------------------ stand-ins
+class RefusedObject:
+    """Inert stand-in for a global outside the whitelist: calling, building or filling it does nothing."""
+
+    qualified_name = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+    def add(self, item):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def __repr__(self) -> str:
+        return f"<refused {self.qualified_name}>"
+
+
+def _stand_in(qualified: str) -> type:
+    return type("RefusedObject", (RefusedObject,), {"qualified_name": qualified})
+
+
+def _refused_name(obj) -> str | None:
+    if isinstance(obj, RefusedObject) or (isinstance(obj, type) and issubclass(obj, RefusedObject)):
+        return obj.qualified_name
+    return None
+
+
+# ------------------------------------------------------------------------------- numpy arrays
+class _Marker:
+    """A whitelisted name that stands for a type and may not be called (numpy.ndarray, torch.Tensor)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+_NDARRAY = _Marker("numpy.ndarray")
+_TORCH_TENSOR = _Marker("torch.Tensor")
+_TORCH_PARAMETER = _Marker("torch.nn.parameter.Parameter")
+
+
+def _checked_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype.kind not in ALLOWED_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise WeightsError(f"arrays of dtype {dtype} are not allowed (only bool, integer, float, complex)")
+    return dtype
+
+
+class _DTypeSpec:
+    """numpy.dtype(name, align, copy) followed by BUILD(state): only plain numeric dtypes."""
+
+    def __init__(self, name, align=False, copy=True):
+        if not isinstance(name, str):
+            raise WeightsError(f"numpy dtype given as {type(name).__name__}, expected a string")
+        self.dtype = _checked_dtype(name)
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) < 5:
+            raise WeightsError("malformed numpy dtype state")
+        byteorder, subarray, names, fields = state[1], state[2], state[3], state[4]
+        if subarray is not None or names is not None or fields is not None:
+            raise WeightsError("structured numpy dtypes are not allowed")
+        if byteorder in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(byteorder)
+        elif byteorder not in ("|", "="):
+            raise WeightsError(f"unknown numpy byte order {byteorder!r}")
+
+
+def _as_dtype(value) -> np.dtype:
+    if isinstance(value, _DTypeSpec):
+        return value.dtype
+    if isinstance(value, np.dtype):
+        return _checked_dtype(value)
+    raise WeightsError(f"expected a numpy dtype, found {type(value).__name__}")
+
+
+def _as_bytes(value) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):  # Python 2 pickles of numpy arrays store the raw bytes as latin-1 text
+        return value.encode("latin-1")
+    raise WeightsError(f"array data given as {type(value).__name__}, expected bytes")
+
+
+def _shape(value, what: str = "shape") -> tuple[int, ...]:
+    if not isinstance(value, (tuple, list)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value):
+        raise WeightsError(f"malformed {what}: {value!r}")
+    return tuple(value)
+
+
+def _array_from_bytes(raw: bytes, dtype: np.dtype, shape: tuple[int, ...], fortran: bool = False) -> np.ndarray:
+    count = math.prod(shape)
+    if len(raw) != count * dtype.itemsize:
+        raise WeightsError(f"array data holds {len(raw)} bytes, {shape} of {dtype} needs {count * dtype.itemsize}")
+    flat = np.frombuffer(raw, dtype=dtype, count=count)
+    return flat.reshape(shape, order="F" if fortran else "C").astype(dtype.newbyteorder("="), copy=True)
+
+
+class _ArrayProxy:
+    """numpy.core.multiarray._reconstruct(ndarray, (0,), b'b') followed by BUILD(state)."""
+
+    def __init__(self):
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise WeightsError("malformed numpy array state")
+        shape, dtype, fortran, raw = state[-4:]
+        if not isinstance(fortran, bool):
+            raise WeightsError("malformed numpy array state (memory order)")
+        if isinstance(raw, list):
+            raise WeightsError("numpy arrays of Python objects are not allowed")
+        self.array = _array_from_bytes(_as_bytes(raw), _as_dtype(dtype), _shape(shape), fortran)
+
+
+def _np_reconstruct(subtype, shape, dtype_code):
+    if subtype is not _NDARRAY:
+        raise WeightsError(f"numpy reconstruction of {subtype!r} is not allowed (only numpy.ndarray)")
+    return _ArrayProxy()
+
+
+def _np_scalar(dtype, raw=None):
+    dtype = _as_dtype(dtype)
+    return _array_from_bytes(_as_bytes(raw), dtype, ())[()]
+
+
+def _np_frombuffer(buffer, dtype, shape, order):
+    return _array_from_bytes(_as_bytes(buffer), _as_dtype(dtype), _shape(shape), order == "F")
+
+
+def _codecs_encode(text, encoding="utf-8"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise WeightsError(f"_codecs.encode is allowed only for latin-1 text, got {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _jittor_var(data, *rest):
+    """jittor_core.Var(ndarray): the array inside the Var."""
+    if not isinstance(data, (_ArrayProxy, np.ndarray, np.generic)):
+        raise WeightsError(f"a Jittor Var built from {type(data).__name__}, expected a numpy array")
+    return data
+
+
+# ------------------------------------------------------------------------------- torch tensors
+_TORCH_STORAGES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8", "BoolStorage": "bool",
+    "ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128",
+}
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    name: str  # numpy dtype name, or "bfloat16"
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.name == "bfloat16" else np.dtype(self.name).itemsize
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: _StorageType
+    numel: int
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    """A tensor waiting to be read: a strided view of a storage."""
+
+    storage: _StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
+    """torch._utils._rebuild_tensor(_v2)(storage, offset, size, stride[, requires_grad, hooks, metadata])."""
+    if not isinstance(storage, _StorageRef):
+        raise WeightsError(f"a tensor built on {type(storage).__name__}, expected a storage of the checkpoint")
+    size, stride = _shape(size, "tensor size"), _shape(stride, "tensor stride")
+    if len(size) != len(stride) or not isinstance(storage_offset, int) or storage_offset < 0:
+        raise WeightsError(f"malformed tensor: size {size}, stride {stride}, offset {storage_offset!r}")
+    if math.prod(size) > 0:
+        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= storage.numel:
+            raise WeightsError(f"tensor of size {size} (stride {stride}, offset {storage_offset}) reaches past "
+                               f"its storage of {storage.numel} elements")
+    return _TensorRef(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+    """torch._utils._rebuild_parameter(_with_state)(data, ...): the tensor itself."""
+    if not isinstance(data, (_TensorRef, _ArrayProxy, np.ndarray)):
+        raise WeightsError(f"a parameter built from {type(data).__name__}, expected a tensor")
+    return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+    """torch._tensor._rebuild_from_type_v2: allowed for plain tensors and parameters without state."""
+    if new_type not in (_TORCH_TENSOR, _TORCH_PARAMETER) or state:
+        raise WeightsError(f"tensor subclass {new_type!r} with state is not allowed")
+    if func not in (_rebuild_tensor, _rebuild_parameter):
+        raise WeightsError("tensor rebuilt by a function outside the whitelist")
+    return func(*args)
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TORCH_TENSOR,
+    ("torch.nn.parameter", "Parameter"): _TORCH_PARAMETER,
+    ("torch", "Size"): tuple,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DTypeSpec,
+    ("_codecs", "encode"): _codecs_encode,
+    ("jittor", "jittor_core.Var"): _jittor_var,
+    ("jittor_core", "Var"): _jittor_var,
+}
+for _core in ("numpy.core", "numpy._core"):
+    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = _np_reconstruct
+    _ALLOWED[(f"{_core}.multiarray", "scalar")] = _np_scalar
+    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = _np_frombuffer
+for _name, _dtype in _TORCH_STORAGES.items():
+    _ALLOWED[("torch", _name)] = _StorageType(_dtype)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler whose ``find_class`` returns only the whitelist above (see the module docstring).
+
+    With ``torch_storages`` (a PyTorch zip's data.pkl) persistent ids name raw storages of the
+    archive; in any other pickle a persistent id is an error. ``refused`` lists the globals that
+    were replaced by inert stand-ins."""
+
+    def __init__(self, file, source: str, strict: bool = False, torch_storages: bool = False):
+        super().__init__(file)
+        self.source = source
+        self.strict = strict
+        self.torch_storages = torch_storages
+        self.refused: list[str] = []
+        self._storages: dict[str, _StorageRef] = {}
+
+    def find_class(self, module: str, name: str):
+        allowed = _ALLOWED.get((module, name))
+        if allowed is not None:
+            return allowed
+        qualified = f"{module}.{name}"
+        if self.strict:
+            raise _refusal(self.source, qualified)
+        if qualified not in self.refused:
+            self.refused.append(qualified)
+        return _stand_in(qualified)
+
+    def persistent_load(self, pid):
+        if not self.torch_storages:
+            raise WeightsError(f"{self.source}: the pickle refers to external data but is not inside a "
+                               "PyTorch zip checkpoint")
+        if not isinstance(pid, tuple) or len(pid) != 5:
+            raise WeightsError(f"{self.source}: malformed storage reference {pid!r}")
+        typename, storage_type, key, _location, numel = pid
+        typename = typename.decode("ascii") if isinstance(typename, bytes) else typename
+        if typename != "storage" or not isinstance(storage_type, _StorageType):
+            refused = _refused_name(storage_type)
+            if refused:
+                raise _refusal(self.source, refused, " (as a tensor storage)")
+            raise WeightsError(f"{self.source}: unsupported storage reference {typename!r} of {storage_type!r}")
+        if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+            raise WeightsError(f"{self.source}: malformed storage reference {pid!r}")
+        ref = self._storages.setdefault(key, _StorageRef(key, storage_type, numel))
+        if ref.dtype != storage_type:
+            raise WeightsError(f"{self.source}: storage {key} is used with two dtypes")
+        return ref
+
+
+# ------------------------------------------------------------------------------- file formats
+class _ZipStorages:
+    """Reads raw storages ``PREFIX/data/KEY`` of a PyTorch zip checkpoint, each at most once."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, source: str):
+        self.archive, self.prefix, self.source = archive, prefix, source
+        order = "little"
+        if f"{prefix}byteorder" in archive.namelist():
+            order = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+            if order not in ("little", "big"):
+                raise WeightsError(f"{source}: unknown byte order {order!r}")
+        self.order = "<" if order == "little" else ">"
+        self._cache: dict[str, np.ndarray] = {}
+
+    def storage(self, ref: _StorageRef) -> np.ndarray:
+        if ref.key not in self._cache:
+            name = f"{self.prefix}data/{ref.key}"
+            try:
+                raw = self.archive.read(name)
+            except KeyError:
+                raise WeightsError(f"{self.source}: storage {name} is missing from the archive") from None
+            need = ref.numel * ref.dtype.itemsize
+            if len(raw) < need:
+                raise WeightsError(f"{self.source}: storage {name} holds {len(raw)} bytes, needs {need}")
+            if ref.dtype.name == "bfloat16":
+                bits = np.frombuffer(raw, dtype=np.dtype("u2").newbyteorder(self.order), count=ref.numel)
+                values = (bits.astype(np.uint32) << 16).view(np.float32)
+            else:
+                dtype = np.dtype(ref.dtype.name).newbyteorder(self.order)
+                values = np.frombuffer(raw, dtype=dtype, count=ref.numel).astype(dtype.newbyteorder("="))
+            self._cache[ref.key] = values
+        return self._cache[ref.key]
+
+    def tensor(self, ref: _TensorRef) -> np.ndarray:
+        values = self.storage(ref.storage)
+        item = values.itemsize
+        view = np.lib.stride_tricks.as_strided(values[ref.offset:], shape=ref.size,
+                                               strides=tuple(s * item for s in ref.stride))
+        return np.array(view, copy=True)
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    return 0 < length < 100_000_000 and head[8:9] == b"{"
+
+
+def _unpickle(data: bytes, source: str, strict: bool, torch_storages: bool = False):
+    unpickler = RestrictedUnpickler(io.BytesIO(data), source, strict=strict, torch_storages=torch_storages)
+    try:
+        obj = unpickler.load()
+    except UnsafeFileError:
+        raise
+    except WeightsError as exc:
+        raise WeightsError(str(exc) if str(exc).startswith(source) else f"{source}: {exc}") from None
+    except Exception as exc:  # a malformed or hostile pickle: any failure means "not loadable"
+        raise WeightsError(f"{source}: not a readable weight file ({type(exc).__name__}: {exc})") from None
+    return obj, unpickler.refused
+
+
+def _read_torch_zip(path: Path, strict: bool):
+    archive = zipfile.ZipFile(path)
+    pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+    if len(pickles) != 1:
+        raise WeightsError(f"{path}: a zip file but not a PyTorch checkpoint (expected one PREFIX/data.pkl, "
+                           f"found {len(pickles)})")
+    prefix = pickles[0][: -len("data.pkl")]
+    obj, refused = _unpickle(archive.read(pickles[0]), str(path), strict, torch_storages=True)
+    return obj, refused, _ZipStorages(archive, prefix, str(path))
+
+
+def _read_pickle(path: Path, data: bytes, strict: bool):
+    fmt = "pickle"
+    if data.endswith(JITTOR_MARKER):
+        body, checksum = data[:-28], data[-28:-8]
+        if hashlib.sha1(body).digest() != checksum:
+            raise WeightsError(f"{path}: Jittor file checksum does not match (truncated or corrupted download?)")
+        data, fmt = body, "jittor-pkl"
+    obj, refused = _unpickle(data, str(path), strict)
+    if isinstance(obj, int) and obj == TORCH_LEGACY_MAGIC:
+        raise WeightsError(f"{path}: PyTorch's legacy (pre-1.6) format is not supported; re-save it with "
+                           "torch.save(torch.load(path), new_path) using PyTorch >= 1.6")
+    return obj, refused, fmt
+
+
+# ------------------------------------------------------------------------------- the weights
+def _flatten(obj, prefix: str, source: str, out: dict, plain: dict, seen: set[int]) -> None:
+    if id(obj) in seen:
+        raise WeightsError(f"{source}: {prefix or 'the weights'} refer to themselves")
+    if isinstance(obj, dict):
+        seen.add(id(obj))
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                refused = _refused_name(key)
+                if refused:
+                    raise _refusal(source, refused, f" (as a key in '{prefix or 'the weights'}')")
+                raise WeightsError(f"{source}: weight names must be strings, found {type(key).__name__}")
+            _flatten(value, f"{prefix}.{key}" if prefix else str(key), source, out, plain, seen)
+        seen.discard(id(obj))
+        return
+    refused = _refused_name(obj)
+    if refused:
+        raise _refusal(source, refused, f" (found at '{prefix}')" if prefix else " (as the file content)")
+    if isinstance(obj, (_ArrayProxy, _TensorRef, np.ndarray, np.generic)):
+        out[prefix] = obj
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        plain[prefix] = obj
+    else:
+        raise WeightsError(f"{source}: {prefix or 'the file content'} is a {type(obj).__name__}, "
+                           "expected an array or a dict of arrays")
+
+
+def _materialise(value, storages: _ZipStorages | None, name: str, source: str) -> np.ndarray:
+    if isinstance(value, _ArrayProxy):
+        if value.array is None:
+            raise WeightsError(f"{source}: {name}: incomplete numpy array")
+        array = value.array
+    elif isinstance(value, _TensorRef):
+        if storages is None:
+            raise WeightsError(f"{source}: {name}: tensor outside a PyTorch zip checkpoint")
+        array = storages.tensor(value)
+    else:
+        array = np.asarray(value)
+    try:
+        _checked_dtype(array.dtype)
+    except WeightsError as exc:
+        raise WeightsError(f"{source}: {name}: {exc}") from None
+    return array
+
+
+@dataclass
+class ForeignInfo:
+    """What ``read_weights`` found besides the weights."""
+
+    format: str                       # torch-zip | jittor-pkl | pickle | safetensors | iidm-safetensors
+    layout: str = "state_dict"        # state_dict | lightning | wrapped (other dict with state_dict) | checkpoint
+    ignored_sections: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)   # refused globals met in ignored sections
+    values: dict[str, Any] = field(default_factory=dict)  # plain values (epoch, global_step, ...)
+    checkpoint: dict[str, Any] | None = None            # kind/config/extra of this project's files
+
+    def describe(self) -> list[str]:
+        """Plain-words lines for a user."""
+        lines = []
+        if self.ignored_sections:
+            lines.append("ignored the sections without weights: " + ", ".join(self.ignored_sections))
+        if self.refused:
+            lines.append("not loaded (never imported or run): " + ", ".join(sorted(self.refused)))
+        return lines
+
+
+def read_weights(path: str | os.PathLike, strict: bool = False) -> tuple[dict[str, np.ndarray], ForeignInfo]:
+    """Read the weights of a PyTorch / Lightning / Jittor / safetensors file as name -> numpy array.
+
+    Nested dicts are flattened with dots. See the module docstring for what is refused; ``strict``
+    refuses any global outside the whitelist even in sections that are not read."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weight file not found")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if zipfile.is_zipfile(path):
+        obj, refused, storages = _read_torch_zip(path, strict)
+        info = ForeignInfo("torch-zip")
+    elif _looks_like_safetensors(head):
+        return _read_safetensors(path)
+    elif head[:1] == b"\x80":
+        data = path.read_bytes()
+        obj, refused, fmt = _read_pickle(path, data, strict)
+        storages, info = None, ForeignInfo(fmt)
+    else:
+        raise WeightsError(f"{path}: unknown format (expected a PyTorch zip checkpoint, a Jittor .pkl, "
+                           "a pickle of arrays or a safetensors file)")
+
+    source = str(path)
+    refused_top = _refused_name(obj)
+    if refused_top:
+        raise _refusal(source, refused_top, " (as the file content)")
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{source}: expected a dict of weights, found a {type(obj).__name__}")
+    weights = obj
+    if isinstance(obj.get(WEIGHTS_SECTION), dict):
+        weights = obj[WEIGHTS_SECTION]
+        info.layout = "lightning" if "pytorch-lightning_version" in obj else "wrapped"
+        for key, value in obj.items():
+            if key == WEIGHTS_SECTION:
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                info.values[str(key)] = value
+            else:
+                info.ignored_sections.append(str(key))
+    flat: dict[str, Any] = {}
+    _flatten(weights, "", source, flat, info.values, set())
+    if not flat:
+        raise WeightsError(f"{source}: no arrays found (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
+    arrays = {name: _materialise(value, storages, name, source) for name, value in flat.items()}
+    # Every stand-in that reached the weights raised above; the rest sat in ignored sections.
+    info.refused = sorted(set(refused))
+    return arrays, info
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], ForeignInfo]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            ours = (f.metadata() or {}).get("format") == FORMAT_NAME
+            arrays = None if ours else {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    if ours:
+        arrays, checkpoint = read_checkpoint(path)
+        return arrays, ForeignInfo("iidm-safetensors", layout="checkpoint", checkpoint=checkpoint)
+    return arrays, ForeignInfo("safetensors")
+
+
+# ------------------------------------------------------------------------------- name mapping
+@dataclass
+class Selection:
+    """Weights kept after a prefix was stripped and training-only names were dropped, with a report."""
+
+    weights: dict[str, np.ndarray]
+    prefix: str = ""
+    dropped: dict[str, list[str]] = field(default_factory=dict)   # drop prefix -> original names
+    outside_prefix: list[str] = field(default_factory=list)
+
+    def describe(self, limit: int = 4) -> list[str]:
+        """Plain-words lines saying what was left out and why."""
+        lines = []
+        for drop, names in self.dropped.items():
+            if names:
+                example = ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+                lines.append(f"ignored {len(names)} training-only weight(s) under '{drop}' ({example})")
+        if self.outside_prefix:
+            example = ", ".join(self.outside_prefix[:limit]) + (" ..." if len(self.outside_prefix) > limit else "")
+            lines.append(f"ignored {len(self.outside_prefix)} weight(s) outside '{self.prefix}' ({example})")
+        return lines
+
+
+def select_weights(arrays: Mapping[str, np.ndarray], prefix: str = "",
+                   drop: Iterable[str] = ("loss.",)) -> Selection:
+    """Keep the names under ``prefix`` (stripped), leaving out names starting with any ``drop``
+    prefix (matched on the original name), e.g. ``loss.`` (discriminator and LPIPS) in LDM / taming
+    autoencoder checkpoints, or ``first_stage_model.`` kept from a whole LDM checkpoint."""
+    drop = tuple(drop)
+    selection = Selection({}, prefix, {d: [] for d in drop})
+    for name in sorted(arrays):
+        hit = next((d for d in drop if name.startswith(d)), None)
+        if hit is not None:
+            selection.dropped[hit].append(name)
+        elif not name.startswith(prefix):
+            selection.outside_prefix.append(name)
+        else:
+            selection.weights[name[len(prefix):]] = arrays[name]
+    return selection
+
+
+def find_prefix(names: Iterable[str], anchor: str, candidates: Iterable[str] = ("",)) -> str:
+    """The prefix under which ``anchor`` (a name the network surely has) appears, trying ``candidates``
+    first, then any prefix that ends where the anchor begins; "" when none matches."""
+    names = set(names)
+    for candidate in candidates:
+        if candidate + anchor in names:
+            return candidate
+    hits = sorted(name[: -len(anchor)] for name in names if name.endswith("." + anchor))
+    return hits[0] if len(hits) == 1 else ""

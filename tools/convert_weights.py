@@ -1,0 +1,196 @@
+"""Convert weights from PyTorch / Lightning / Jittor files into this project's checkpoint
+(safetensors + config), checking every name and shape against the network built from the config.
+
+    python tools/convert_weights.py --kind vqmodel --preset vq-f4 model.ckpt vq-f4.safetensors
+    python tools/convert_weights.py --kind unet --preset iidm ema_0.9999_100000.pt unet.safetensors
+
+Reads SDM's ``.pt`` state dicts (model or EMA), IIDM's Jittor ``.pkl``, LDM / taming Lightning checkpoints (``state_dict``; the training-only ``loss.*`` weights are
+left out and reported), plain torch state dicts, IIDM's Jittor ``.pkl`` and this project's own
+checkpoints; nothing in the input is executed (ldm/foreign_weights.py). Weights under a prefix
+(``first_stage_model.`` in a whole LDM checkpoint) are found by themselves, or name it with
+``--prefix``. Missing, unexpected and mis-shaped weights are listed in plain words and nothing is
+written. Exit status: 0 written, 1 the weights do not fit or cannot be read.
+
+Adding a kind: one ``Kind`` entry in KINDS: how to build the config from a preset
+name or a stored dict, how to build the network, and where its names sit in foreign files.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Callable, Mapping  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import jittor_env  # noqa: E402
+from ldm.checkpoint import WeightsError, save_checkpoint  # noqa: E402
+from ldm.foreign_weights import Selection, find_prefix, read_weights, select_weights  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How to convert one kind of network. The builders import Jittor code lazily (after setup)."""
+
+    presets: Callable[[], list[str]]
+    default_preset: str
+    config_from_preset: Callable[[str], Any]               # -> config with .to_dict()
+    config_from_dict: Callable[[Mapping[str, Any]], Any]
+    build_network: Callable[[Any], Any]                    # config -> Jittor module
+    map_names: Callable[[Mapping[str, np.ndarray], str | None, tuple[str, ...]], Selection]
+    drop: tuple[str, ...]                                  # training-only name prefixes, always left out
+
+
+def prefix_mapping(anchor: str, candidates: tuple[str, ...]):
+    """Name mapping for networks whose foreign names equal ours up to a prefix: ``anchor`` is a
+    weight every such file has; ``candidates`` are the prefixes tried first."""
+    def map_names(arrays, prefix, drop):
+        if prefix is None:
+            prefix = find_prefix([n for n in arrays if not n.startswith(drop)], anchor, candidates)
+        return select_weights(arrays, prefix=prefix, drop=drop)
+    return map_names
+
+
+def _vq(name: str):
+    import autoencoder.vqmodel as vqmodel
+    return getattr(vqmodel, name)
+
+
+def _unet(name: str):
+    import models.unet as unet
+    return getattr(unet, name)
+
+
+KINDS: dict[str, Kind] = {
+    "vqmodel": Kind(
+        presets=lambda: list(_vq("PRESETS")),
+        default_preset="vq-f4",
+        config_from_preset=lambda preset: _vq("vq_config")(preset),
+        config_from_dict=lambda values: _vq("VQConfig").from_dict(values),
+        build_network=lambda config: _vq("VQModel")(config),
+        map_names=prefix_mapping("encoder.conv_in.weight", ("", "first_stage_model.")),
+        drop=("loss.", "train/"),
+    ),
+    # SDM / IIDM U-Net: SDM's .pt is a plain state dict with these names; a wrapped one
+    # ("model.", "module.", LDM's "model.diffusion_model.") is found by its first convolution.
+    "unet": Kind(
+        presets=lambda: list(_unet("UNET_PRESETS")),
+        default_preset="iidm",
+        config_from_preset=lambda preset: _unet("unet_preset")(preset),
+        config_from_dict=lambda values: _unet("UNetConfig").from_dict(
+            values["unet"] if isinstance(values.get("unet"), dict) else
+            {k: v for k, v in values.items() if k != "schedule"}),
+        build_network=lambda config: _unet("UNetModel")(config),
+        map_names=prefix_mapping("input_blocks.0.0.weight",
+                                 ("", "model.diffusion_model.", "model.", "module.")),
+        drop=(),
+    ),
+}
+
+
+def _shape(value) -> tuple[int, ...]:
+    return tuple(np.shape(value))
+
+
+def _listed(lines: list[str], limit: int) -> list[str]:
+    return lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else [])
+
+
+def report_fit(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray],
+               limit: int = 20) -> list[str]:
+    """Plain-words lines for the missing, unexpected and mis-shaped weights, up to ``limit`` names
+    each (empty when everything fits)."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    mismatched = sorted(n for n in set(expected) & set(weights) if tuple(expected[n]) != _shape(weights[n]))
+    lines = []
+    if missing:
+        lines.append(f"The file lacks {len(missing)} weight(s) the network needs:")
+        lines += _listed([f"  {n} {tuple(expected[n])}" for n in missing], limit)
+    if unexpected:
+        lines.append(f"The file has {len(unexpected)} weight(s) the network does not have "
+                     "(--ignore PREFIX leaves them out; --prefix picks the part of the file to use):")
+        lines += _listed([f"  {n} {_shape(weights[n])}" for n in unexpected], limit)
+    if mismatched:
+        lines.append(f"{len(mismatched)} weight(s) have another shape than the network's (is --preset right?):")
+        lines += _listed([f"  {n}: the network has {tuple(expected[n])}, the file {_shape(weights[n])}"
+                          for n in mismatched], limit)
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="weights to read (.ckpt, .pt, .pth, .pkl, .safetensors)")
+    parser.add_argument("output", help="checkpoint to write (.safetensors)")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="vqmodel", help="network the weights are for")
+    parser.add_argument("--preset", help="architecture preset (default: the input's own config when it is "
+                                         "one of this project's checkpoints, else the kind's reference preset)")
+    parser.add_argument("--prefix", help="name prefix of the weights inside the file (default: found by itself)")
+    parser.add_argument("--ignore", action="append", default=[], metavar="PREFIX",
+                        help="leave out weights whose names start with PREFIX (repeatable)")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse the file if its pickle names any class outside the whitelist, even in "
+                             "sections that hold no weights (Lightning callbacks)")
+    jittor_env.add_arguments(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+    kind = KINDS[args.kind]
+    if args.preset is not None and args.preset not in kind.presets():
+        print(f"convert_weights: unknown {args.kind} preset {args.preset!r}; choose one of "
+              f"{', '.join(kind.presets())}", file=sys.stderr)
+        return 1
+    try:
+        arrays, info = read_weights(args.input, strict=args.strict)
+    except WeightsError as exc:
+        print(f"convert_weights: {exc}", file=sys.stderr)
+        return 1
+    stored = info.checkpoint
+    if stored is not None and stored.get("kind") not in (args.kind, ""):
+        print(f"convert_weights: {args.input} is a {stored['kind']!r} checkpoint, not {args.kind!r}", file=sys.stderr)
+        return 1
+    if args.preset is not None:
+        config, described = kind.config_from_preset(args.preset), f"preset {args.preset}"
+    elif stored is not None and stored.get("config"):
+        config, described = kind.config_from_dict(stored["config"]), "the input's own config"
+    else:
+        config, described = kind.config_from_preset(kind.default_preset), f"preset {kind.default_preset}"
+
+    selection = kind.map_names(arrays, args.prefix, kind.drop + tuple(args.ignore))
+    where = f"; weights under '{selection.prefix}'" if selection.prefix else ""
+    print(f"{args.input}: {info.format} ({info.layout}), {len(arrays)} arrays{where}")
+    for line in info.describe() + selection.describe():
+        print("  " + line)
+    sys.stdout.flush()
+    network = kind.build_network(config)
+    state = network.state_dict()
+    expected = {name: tuple(var.shape) for name, var in state.items()}
+    problems = report_fit(expected, selection.weights)
+    if problems:
+        print(f"convert_weights: the weights do not fit the {args.kind} network ({described}); "
+              "nothing was written.", file=sys.stderr)
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    out = {name: np.asarray(selection.weights[name]).astype(str(var.dtype)) for name, var in state.items()}
+    extra = {"converted_from": Path(args.input).name, "source_format": info.format, "source_layout": info.layout}
+    if info.values:
+        extra["source_values"] = info.values
+    save_checkpoint(args.output, out, kind=args.kind, config=config.to_dict(), extra=extra)
+    print(f"wrote {args.output}: {len(out)} weights checked against the {args.kind} network ({described})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
