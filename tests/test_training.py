@@ -1,0 +1,401 @@
+"""The LDM training loop on a tiny U-Net and an 8x12 latent store: learning, EMA math, bit-exact
+resume, atomic checkpoints, the NaN guard, gradient accumulation, mask dropout, the CLI, MPI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+C, H, W = 3, 8, 12
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_store(path: Path, count: int = 6, seed: int = 0) -> Path:
+    """A complete latent store written directly (no autoencoder): smooth latents whose values
+    follow the label, so that the mask carries information about x_0."""
+    from ldm.latents import FORMAT_NAME, FORMAT_VERSION, write_json_atomic
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    labels = np.zeros((count, 2, H, W), np.uint8)
+    latents = np.zeros((count, 2, C, H, W), np.float32)
+    for i in range(count):
+        horizon = rng.integers(2, H - 2)
+        label = np.where(np.arange(H)[:, None] < horizon, 1, rng.integers(2, 6)).repeat(W, axis=1).astype(np.uint8)
+        label[:, : rng.integers(1, W // 2)] = np.where(label[:, : 1] == 1, 1, 5)
+        for view, lab in enumerate((label, label[:, ::-1])):
+            labels[i, view] = lab
+            latents[i, view] = (np.stack([np.sin(lab * 0.7), np.cos(lab * 0.5), lab / 10.0 - 0.3]) +
+                                0.05 * rng.standard_normal((C, H, W))).astype(np.float32)
+    np.save(path / "latents.npy", latents)
+    np.save(path / "labels.npy", labels)
+    write_json_atomic(path / "progress.json", {"done": count})
+    write_json_atomic(path / "manifest.json", {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "count": count, "names": [f"{i}" for i in range(count)],
+        "latent": {"channels": C, "height": H, "width": W}, "image": {"height": 4 * H, "width": 4 * W},
+        "autoencoder_sha256": "test", "views": ["original", "hflip"]})
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("latents") / "store")
+
+
+def make_unet(jt, seed=0):
+    from models import UNetModel, unet_preset
+
+    jt.set_global_seed(seed)
+    return UNetModel(unet_preset("tiny"))
+
+
+def config(**overrides):
+    from ldm.training import TrainConfig
+
+    values = dict(batch_size=2, lr=1e-3, max_steps=4, save_every=2, sample_every=0, ema_decay=0.9)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read(path):
+    from ldm.checkpoint import read_checkpoint
+
+    return read_checkpoint(path)
+
+
+def param_arrays(unet):
+    return {n: p.numpy().copy() for n, p in unet.named_parameters()}
+
+
+# ------------------------------------------------------------------------------ numpy-only parts
+def test_batches_cover_every_item_once_per_epoch():
+    from ldm.training import batch_indices
+
+    seen = np.concatenate([batch_indices(5, step, 3, 7) for step in range(7)])   # 21 = 3 epochs of 7
+    for epoch in range(3):
+        assert sorted(seen[epoch * 7:(epoch + 1) * 7]) == list(range(7))
+    np.testing.assert_array_equal(batch_indices(5, 4, 3, 7), seen[12:15])
+
+
+def test_mask_dropout_rate_and_null_masks(store):
+    from datasets import one_hot
+    from ldm.latents import LatentStore
+    from ldm.training import draw_batch
+
+    latents = LatentStore(store)
+    for p in (0.0, 0.3, 1.0):
+        cfg = config(batch_size=4, mask_dropout=p)
+        kept = []
+        for step in range(250):
+            batch = draw_batch(latents, cfg, step)
+            full = one_hot(batch.labels)
+            for j in range(4):
+                if batch.kept[j]:
+                    np.testing.assert_array_equal(batch.masks[j], full[j])
+                else:
+                    assert not batch.masks[j].any()
+            kept.append(batch.kept)
+        rate = 1.0 - np.mean(kept)
+        n = 1000
+        assert abs(rate - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-12, (p, rate)
+
+
+def test_each_step_draws_the_same_batch_again(store):
+    from ldm.latents import LatentStore
+    from ldm.training import draw_batch
+
+    latents = LatentStore(store)
+    a, b, c = (draw_batch(latents, config(), s) for s in (3, 3, 4))
+    for name in ("latents", "masks", "t", "noise"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert not np.array_equal(a.noise, c.noise)
+    assert a.t.min() >= 0 and a.t.max() < 1000
+
+
+def test_ema_matches_the_closed_form(jt):
+    from ldm.ema import EMA
+
+    d = 0.9
+    p = jt.array(np.array([1.0, -2.0], np.float32))
+    ema = EMA([("p", p)], d)
+    values = [np.array([1.0, -2.0])]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        new = rng.standard_normal(2)
+        p.update(jt.array(new.astype(np.float32)))
+        values.append(new)
+        ema.update()
+    n = len(values) - 1
+    expected = d ** n * values[0] + (1 - d) * sum(d ** (n - k) * values[k] for k in range(1, n + 1))
+    np.testing.assert_allclose(ema.state_dict()["p"], expected, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the loop
+def test_loss_decreases_on_a_fixed_batch(jt, store, tmp_path):
+    from ldm import make_schedule
+    from ldm.latents import LatentStore
+    from ldm.losses import training_losses
+    from ldm.training import draw_batch, train
+
+    unet = make_unet(jt)
+    latents = LatentStore(store)
+    schedule = make_schedule()
+    fixed = [draw_batch(latents, config(mask_dropout=0.0), 1000 + k) for k in range(4)]
+
+    def held_out_loss():
+        total = 0.0
+        with jt.no_grad():
+            for batch in fixed:
+                mask = jt.array(batch.masks)
+                terms = training_losses(schedule, lambda x, t: unet(x, t, mask), jt.array(batch.latents),
+                                        jt.array(batch.t), jt.array(batch.noise))
+                total += float(terms["mse"].mean().item())
+        return total / len(fixed)
+
+    before = held_out_loss()
+    result = train(unet, latents, tmp_path / "run", config(max_steps=30, save_every=0, mask_dropout=0.0, lr=2e-3),
+                   progress=False)
+    after = held_out_loss()
+    assert result["step"] == 30 and result["updates"] == 30 and result["bad_steps"] == 0
+    assert after < 0.8 * before, (before, after)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 31))
+    assert {"loss", "mse", "vb", "grad_norm", "mask_kept"} <= set(lines[0])
+    np.testing.assert_allclose(lines[0]["loss"], lines[0]["mse"] + lines[0]["vb"], rtol=1e-5)
+
+
+def test_ema_in_the_loop_and_checkpoint_layout(jt, store, tmp_path):
+    from ldm.training import train
+
+    unet = make_unet(jt)
+    history = [param_arrays(unet)]
+    train(unet, store, tmp_path / "run", config(max_steps=3, save_every=3), progress=False,
+          step_hook=lambda step, record: history.append(param_arrays(unet)))
+    arrays, info = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert info["kind"] == "unet-train"
+    assert info["extra"]["training"]["step"] == 3 and info["extra"]["training"]["updates"] == 3
+    assert info["config"]["unet"]["model_channels"] == 16 and info["config"]["train"]["ema_decay"] == 0.9
+    d = 0.9
+    for name in history[0]:
+        expected = d ** 3 * history[0][name].astype(np.float64) + (1 - d) * sum(
+            d ** (3 - k) * history[k][name].astype(np.float64) for k in (1, 2, 3))
+        np.testing.assert_allclose(arrays[f"ema/{name}"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(arrays[f"model/{name}"], history[3][name])
+        assert f"optim/m/{name}" in arrays and f"optim/v/{name}" in arrays
+
+
+def test_resume_is_bit_exact(jt, store, tmp_path):
+    from ldm.training import train
+
+    train(make_unet(jt), store, tmp_path / "straight", config(max_steps=4, save_every=2), progress=False)
+    train(make_unet(jt), store, tmp_path / "split", config(max_steps=2, save_every=2), progress=False)
+    # A fresh process would rebuild the network from another seed: the checkpoint must overwrite it all.
+    result = train(make_unet(jt, seed=123), store, tmp_path / "split", config(max_steps=4, save_every=2),
+                   resume=True, progress=False)
+    assert result["step"] == 4
+    straight, _ = read(tmp_path / "straight" / "checkpoints" / "last.safetensors")
+    split, info = read(tmp_path / "split" / "checkpoints" / "last.safetensors")
+    assert info["extra"]["training"]["updates"] == 4
+    assert straight.keys() == split.keys()
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], split[name], err_msg=name)
+    log = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+
+
+def test_refuses_to_overwrite_or_resume_the_wrong_run(jt, store, tmp_path):
+    from ldm.checkpoint import WeightsError
+    from ldm.training import train
+    from models import UNetModel, unet_preset
+
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(make_unet(jt), store, tmp_path / "run", config(max_steps=1), resume=True, progress=False)
+    train(make_unet(jt), store, tmp_path / "run", config(max_steps=1), progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(make_unet(jt), store, tmp_path / "run", config(max_steps=2), progress=False)
+    other = UNetModel(unet_preset("tiny", spade_hidden_channels=8))
+    with pytest.raises(WeightsError, match="network config differs"):
+        train(other, store, tmp_path / "run", config(max_steps=2), resume=True, progress=False)
+
+
+def test_a_crash_while_saving_keeps_the_previous_checkpoint(jt, store, tmp_path, monkeypatch):
+    from ldm.training import train
+
+    run = tmp_path / "run"
+    train(make_unet(jt), store, run, config(max_steps=2, save_every=2), progress=False)
+    good = (run / "checkpoints" / "last.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated"):
+        train(make_unet(jt), store, run, config(max_steps=4, save_every=2), resume=True, progress=False)
+    monkeypatch.undo()
+    assert (run / "checkpoints" / "last.safetensors").read_bytes() == good
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.safetensors"]
+    _, info = read(run / "checkpoints" / "last.safetensors")
+    assert info["extra"]["training"]["step"] == 2
+
+
+class Poisoned:
+    """The tiny U-Net whose output becomes NaN while ``poison`` is set (the loop only needs
+    ``__call__``, ``config``, ``named_parameters``, ``state_dict``, ``train``, ``eval``)."""
+
+    def __init__(self, unet):
+        self.unet, self.config, self.poison = unet, unet.config, False
+
+    def __call__(self, x_t, t, mask):
+        out = self.unet(x_t, t, mask)
+        return out * float("nan") if self.poison else out
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+
+def test_non_finite_steps_are_skipped_and_counted(jt, store, tmp_path):
+    from ldm.training import train
+
+    net = Poisoned(make_unet(jt))
+    poisoned_steps = {2, 3}                 # the 2nd and 3rd steps
+    seen = {}
+
+    def hook(step, record):
+        seen[step] = (param_arrays(net.unet), record)
+        net.poison = (step + 1) in poisoned_steps
+
+    before = param_arrays(net.unet)
+    result = train(net, store, tmp_path / "run", config(max_steps=5, save_every=0, max_bad_steps=3),
+                   progress=False, step_hook=hook)
+    assert result["step"] == 5 and result["bad_steps"] == 2 and result["updates"] == 3
+    assert seen[2][1]["skipped"] == "non_finite" and seen[3][1]["skipped"] == "non_finite"
+    assert "skipped" not in seen[4][1]
+    for name in before:
+        np.testing.assert_array_equal(seen[3][0][name], seen[1][0][name])    # nothing moved while poisoned
+    assert any(not np.array_equal(seen[4][0][n], seen[3][0][n]) for n in before)
+    _, info = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert info["extra"]["training"]["bad_steps"] == 2 and info["extra"]["training"]["updates"] == 3
+
+
+def test_k_non_finite_steps_in_a_row_stop_the_run(jt, store, tmp_path):
+    from ldm.training import TrainingStopped, train
+
+    net = Poisoned(make_unet(jt))
+
+    def hook(step, record):
+        net.poison = step >= 1
+
+    with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss"):
+        train(net, store, tmp_path / "run", config(max_steps=20, save_every=1, max_bad_steps=3),
+              progress=False, step_hook=hook)
+    _, info = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert info["extra"]["training"]["updates"] == 1
+
+
+def test_gradient_accumulation_matches_the_full_batch(jt, store, tmp_path):
+    from ldm.training import train
+
+    runs = {}
+    for accum in (1, 2):
+        out = tmp_path / f"accum{accum}"
+        train(make_unet(jt), store, out, config(batch_size=4, grad_accum=accum, mask_dropout=0.0, max_steps=1,
+                                                save_every=1), progress=False)
+        runs[accum], _ = read(out / "checkpoints" / "last.safetensors")
+    for name in runs[1]:
+        if name.startswith("optim/m/"):   # first moment after one step = (1 - beta1) * gradient
+            np.testing.assert_allclose(runs[2][name], runs[1][name], rtol=1e-4, atol=1e-9, err_msg=name)
+        elif name.startswith("model/"):
+            np.testing.assert_allclose(runs[2][name], runs[1][name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_export_weights_and_reload(jt, store, tmp_path):
+    from ldm.checkpoint import read_checkpoint
+    from ldm.training import export_ema, train
+    from models import UNetConfig, UNetModel, load_unet_state_dict
+
+    train(make_unet(jt), store, tmp_path / "run", config(max_steps=1, save_every=1), progress=False)
+    export_ema(tmp_path / "run" / "checkpoints" / "last.safetensors", tmp_path / "unet.safetensors")
+    arrays, info = read_checkpoint(tmp_path / "unet.safetensors")
+    assert info["kind"] == "unet"
+    unet = UNetModel(UNetConfig.from_dict(info["config"]))
+    load_unet_state_dict(unet, arrays)
+    train_arrays, _ = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(value, train_arrays[f"ema/{name}"])
+
+
+def test_train_cli_ldm_stage(jt, store, tmp_path, capsys):
+    import train as train_cli
+
+    run = tmp_path / "run"
+    args = ["ldm", "--latents", str(store), "--preset", "tiny", "--out", str(run), "--max_steps", "2",
+            "--batch_size", "2", "--save_every", "1", "--sample_every", "0", "--cpu"]
+    assert train_cli.main(args) == 0
+    assert "step 2" in capsys.readouterr().out
+    assert train_cli.main(args[:8] + ["4"] + args[9:] + ["--resume"]) == 0
+    _, info = read(run / "checkpoints" / "last.safetensors")
+    assert info["extra"]["training"]["step"] == 4
+    assert train_cli.main(["ldm", "--latents", str(tmp_path / "none"), "--out", str(tmp_path / "x"), "--cpu"]) == 1
+    assert "not a latent store" in capsys.readouterr().err
+
+
+MPI_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {repo!r})
+import jittor_env
+jt = jittor_env.setup(force_cpu=True)
+import numpy as np
+from models import UNetModel, unet_preset
+from ldm.training import TrainConfig, train
+jt.set_global_seed(0)   # different per rank (Jittor adds the rank): the loop must broadcast rank 0's weights
+unet = UNetModel(unet_preset("tiny"))
+cfg = TrainConfig(batch_size=4, lr=1e-3, max_steps=2, save_every=2, sample_every=0, mask_dropout=0.0, ema_decay=0.9)
+result = train(unet, {store!r}, {out!r}, cfg, progress=False)
+digest = float(sum(float(np.abs(p.numpy()).astype(np.float64).sum()) for p in unet.parameters()))
+print("RESULT", json.dumps({{"rank": jt.rank, "world": jt.world_size, "step": result["step"],
+                            "updates": result["updates"], "digest": digest}}), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI (apt install openmpi-bin libopenmpi-dev)")
+def test_two_mpi_ranks_agree_and_only_rank_0_writes(jt, store, tmp_path):
+    from ldm.training import train
+
+    script = tmp_path / "mpi_train.py"
+    out = tmp_path / "mpi_run"
+    script.write_text(MPI_SCRIPT.format(repo=str(REPO), store=str(store), out=str(out)))
+    command = ["mpirun", "-np", "2", sys.executable, str(script)]
+    if os.geteuid() == 0:
+        command.insert(1, "--allow-run-as-root")
+    env = {k: v for k, v in os.environ.items() if k != "use_mpi"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
+    assert results[0]["step"] == results[1]["step"] == 2 and results[0]["updates"] == results[1]["updates"] == 2
+    assert results[0]["digest"] == results[1]["digest"]
+    log = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2]          # one writer, not two
+    # Two ranks with 2 samples each = one process with the batch of 4.
+    single = tmp_path / "single"
+    train(make_unet(jt), store, single, config(batch_size=4, mask_dropout=0.0, max_steps=2, save_every=2),
+          progress=False)
+    a, _ = read(out / "checkpoints" / "last.safetensors")
+    b, _ = read(single / "checkpoints" / "last.safetensors")
+    for name in a:
+        if name.startswith("model/"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_gradient_checkpointing_is_refused_not_faked(jt, store, tmp_path):
+    from ldm.training import train
+
+    with pytest.raises(ValueError, match="gradient checkpointing is not available"):
+        train(make_unet(jt), store, tmp_path / "run", config(grad_checkpoint=True), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
