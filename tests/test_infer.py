@@ -1,0 +1,246 @@
+"""infer.py: sharding, job listing, and end to end on tiny synthetic masks with tiny random
+models (outputs at the mask's size, restart, --overwrite, per-image failures, a crash mid-run,
+one-image use, the embedded demo and its gallery)."""
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import infer
+from datasets import DataError, save_label
+from datasets.synthetic import write_dataset
+from ldm import pipeline
+
+HEIGHT, WIDTH = 16, 24  # multiples of 8: the tiny VQ (f = 4) times the tiny U-Net (2 levels)
+FAST = ["--cpu", "--preset", "fast", "--steps", "2", "--batch_size", "2"]
+
+
+# ------------------------------------------------------------------------------ no Jittor needed
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5])
+def test_shards_cover_every_item_once(world_size):
+    for n in range(12):
+        items = [f"m{i}" for i in range(n)]
+        shards = [infer.shard(items, rank, world_size) for rank in range(world_size)]
+        merged = sorted(x for s in shards for x in s)
+        assert merged == sorted(items)
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+        assert all(items.index(x) % world_size == rank for rank, s in enumerate(shards) for x in s)
+
+
+def test_shard_rejects_a_bad_rank():
+    with pytest.raises(ValueError, match="rank must be in 0..world_size-1"):
+        infer.shard([1, 2], 2, 2)
+
+
+def test_list_jobs_marks_missing_references(tmp_path):
+    masks, imgs = tmp_path / "masks", tmp_path / "train" / "imgs"
+    imgs.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(imgs / "r.jpg")
+    for name in ("a", "b", "c"):
+        save_label(masks / f"{name}.png", np.zeros((4, 4), np.uint8))
+    (masks / "label_to_img.json").write_text(json.dumps({"a.png": "r.jpg", "b.png": "gone.jpg"}))
+    jobs = infer.list_jobs(masks, tmp_path / "train", tmp_path / "out")
+    assert [j.name for j in jobs] == ["a", "b", "c"]
+    assert jobs[0].error is None and jobs[0].output == tmp_path / "out" / "a.jpg"
+    assert "gone.jpg: reference photo not found (for b.png)" in jobs[1].error
+    assert "no reference given for c.png" in jobs[2].error
+    (masks / "label_to_img.json").unlink()
+    with pytest.raises(DataError, match="label_to_img.json: not found"):
+        infer.list_jobs(masks, tmp_path / "train", tmp_path / "out")
+
+
+def test_parse_size_and_split_config():
+    assert infer.parse_size("384x512") == (384, 512) and infer.parse_size(None) is None
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        infer.parse_size("512")
+    unet, schedule = infer.split_config({"unet": {"in_channels": 3}, "schedule": {"num_timesteps": 500}})
+    assert unet == {"in_channels": 3} and schedule.num_timesteps == 500 and schedule.kind == "linear"
+    unet, schedule = infer.split_config({"in_channels": 3})
+    assert unet == {"in_channels": 3} and schedule.num_timesteps == 1000
+
+
+def test_no_model_names_both_demo_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(infer, "DEMO_CHECKPOINT", tmp_path / "unet.safetensors")
+    monkeypatch.setattr(infer, "DEMO_VQ", tmp_path / "vq.safetensors")
+    monkeypatch.setattr(infer, "DEMO_OUTPUT", tmp_path / "demo")
+    assert infer.main(["--cpu"]) == infer.NO_MODEL
+    err = capsys.readouterr().err
+    assert "no model is available yet" in err and "unet.safetensors" in err and "vq.safetensors" in err
+    assert not (tmp_path / "demo").exists()
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, jt):
+    """Tiny random U-Net and VQ checkpoints (the U-Net's zero-initialised last layer is made
+    random so the network's output is not zero)."""
+    from autoencoder.vqmodel import VQModel, save_vqmodel, vq_config
+    from ldm.checkpoint import module_arrays, save_checkpoint
+    from models import UNetModel, unet_preset
+
+    folder = tmp_path_factory.mktemp("models")
+    jt.set_global_seed(0)
+    config = unet_preset("tiny")
+    arrays = module_arrays(UNetModel(config))
+    rng = np.random.default_rng(0)
+    arrays = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("out.") else v
+              for k, v in arrays.items()}
+    save_checkpoint(folder / "unet.safetensors", arrays, kind="unet", config=config.to_dict())
+    save_vqmodel(VQModel(vq_config("tiny")), folder / "vq.safetensors")
+    return folder / "unet.safetensors", folder / "vq.safetensors"
+
+
+def dataset(root, n_test):
+    write_dataset(root, 3, HEIGHT, WIDTH, seed=0, n_test=n_test)
+    return ["--input_path", str(root / "test" / "labels"), "--img_path", str(root / "train"),
+            "--mapping", str(root / "test" / "label_to_img.json")]
+
+
+def outputs(out):
+    return sorted(p.name for p in out.glob("*.jpg"))
+
+
+def test_batch_restart_overwrite_and_rounds(tmp_path, models, monkeypatch, capsys):
+    unet, vq = models
+    out = tmp_path / "out"
+    args = dataset(tmp_path / "data", 2) + ["--output_path", str(out), "--ckpt", str(unet), "--vq", str(vq), *FAST]
+    assert infer.main(args + ["--save-rounds"]) == 0
+    names = ["00003.jpg", "00004.jpg"]
+    assert outputs(out) == names
+    for name in names:
+        with Image.open(out / name) as image:
+            assert (image.size, image.mode) == ((WIDTH, HEIGHT), "RGB")
+    assert sorted(p.name for p in (out / "rounds").iterdir()) == [
+        f"0000{i}_round{k}.jpg" for i in (3, 4) for k in range(3)]
+    line = capsys.readouterr().out
+    assert re.search(r"2 images in [\d.]+ s \([\d.]+ s per image\), 12 U-Net passes per image", line)
+
+    calls = []
+    real_run = pipeline.run_rounds
+    monkeypatch.setattr(pipeline, "run_rounds", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    before = {n: (out / n).stat().st_mtime_ns for n in names}
+    assert infer.main(args) == 0
+    assert calls == [] and "2 already present" in capsys.readouterr().out
+    assert {n: (out / n).stat().st_mtime_ns for n in names} == before
+    assert infer.main(args + ["--overwrite"]) == 0
+    assert calls == [1] and outputs(out) == names
+
+
+def test_bad_inputs_are_reported_and_the_rest_produced(tmp_path, models, capsys):
+    unet, vq = models
+    root, out = tmp_path / "data", tmp_path / "out"
+    args = dataset(root, 2) + ["--output_path", str(out), "--ckpt", str(unet), "--vq", str(vq), *FAST]
+    labels = root / "test" / "labels"
+    mapping = json.loads((root / "test" / "label_to_img.json").read_text())
+    broken = np.zeros((HEIGHT, WIDTH), np.uint8)
+    broken[3, 4] = 31
+    Image.fromarray(broken, "L").save(labels / "broken.png")
+    save_label(labels / "noref.png", np.zeros((HEIGHT, WIDTH), np.uint8))
+    save_label(labels / "odd.png", np.zeros((12, 20), np.uint8))
+    save_label(labels / "trunc.png", np.zeros((HEIGHT, WIDTH), np.uint8))
+    data = (root / "train" / "imgs" / "00000.jpg").read_bytes()
+    (root / "train" / "imgs" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    mapping.update({"broken.png": "00000.jpg", "noref.png": "missing.jpg", "odd.png": "00000.jpg",
+                    "trunc.png": "cut.jpg"})
+    (root / "test" / "label_to_img.json").write_text(json.dumps(mapping))
+
+    assert infer.main(args) == infer.FAILED
+    assert outputs(out) == ["00003.jpg", "00004.jpg"]
+    captured = capsys.readouterr()
+    assert "2 images in" in captured.out and "4 failed" in captured.out
+    err = captured.err
+    assert "4 image(s) failed" in err
+    assert re.search(r"broken: .*broken.png: label values must be class indices 0..28; found value 31", err)
+    assert re.search(r"noref: .*missing.jpg: reference photo not found \(for noref.png\)", err)
+    assert re.search(r"odd: .*odd.png: size 12x20 \(height x width\) is not a multiple of 8", err)
+    assert re.search(r"trunc: .*cut.jpg: cannot be read as an image", err)
+
+
+def test_crash_mid_run_then_restart_makes_exactly_the_missing(tmp_path, models, monkeypatch):
+    unet, vq = models
+    out = tmp_path / "out"
+    args = dataset(tmp_path / "data", 4) + ["--output_path", str(out), "--ckpt", str(unet), "--vq", str(vq), *FAST]
+    real_run = pipeline.run_rounds
+    batches = []
+
+    def crash_on_second_batch(*a, **k):
+        if batches:
+            raise KeyboardInterrupt
+        batches.append(k["seeds"])
+        return real_run(*a, **k)
+
+    monkeypatch.setattr(pipeline, "run_rounds", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        infer.main(args)
+    assert outputs(out) == ["00003.jpg", "00004.jpg"]
+    assert not list(out.glob(".*tmp"))
+    first = {n: (out / n).read_bytes() for n in outputs(out)}
+
+    generated = []
+    monkeypatch.setattr(pipeline, "run_rounds", lambda *a, **k: generated.append(len(k["seeds"])) or real_run(*a, **k))
+    assert infer.main(args) == 0
+    assert generated == [2]
+    assert outputs(out) == ["00003.jpg", "00004.jpg", "00005.jpg", "00006.jpg"]
+    assert {n: (out / n).read_bytes() for n in first} == first
+
+
+def test_one_image(tmp_path, models):
+    unet, vq = models
+    root = tmp_path / "data"
+    dataset(root, 1)
+    out = tmp_path / "one" / "o.jpg"
+    assert infer.main(["--mask", str(root / "test" / "labels" / "00003.png"), "--ref",
+                       str(root / "train" / "imgs" / "00001.jpg"), "--out", str(out), "--ckpt", str(unet),
+                       "--vq", str(vq), "--save-rounds", *FAST]) == 0
+    with Image.open(out) as image:
+        assert image.size == (WIDTH, HEIGHT)
+    assert sorted(p.name for p in (tmp_path / "one" / "rounds").iterdir()) == [f"o_round{k}.jpg" for k in range(3)]
+    # a mask the model cannot take at its own size: generated at --size, written at its own
+    save_label(tmp_path / "odd.png", np.zeros((12, 20), np.uint8))
+    odd = tmp_path / "odd.jpg"
+    assert infer.main(["--mask", str(tmp_path / "odd.png"), "--ref", str(root / "train" / "imgs" / "00001.jpg"),
+                       "--out", str(odd), "--ckpt", str(unet), "--vq", str(vq), "--size", f"{HEIGHT}x{WIDTH}",
+                       *FAST]) == 0
+    with Image.open(odd) as image:
+        assert image.size == (20, 12)
+
+
+class Sources(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_demo_writes_outputs_and_gallery(tmp_path, models, monkeypatch, capsys):
+    unet, vq = models
+    monkeypatch.setattr(infer, "DEMO_CHECKPOINT", unet)
+    monkeypatch.setattr(infer, "DEMO_VQ", vq)
+    monkeypatch.setattr(infer, "DEMO_OUTPUT", tmp_path / "demo")
+    monkeypatch.setattr(infer, "DEMO_HEIGHT", HEIGHT)
+    monkeypatch.setattr(infer, "DEMO_WIDTH", WIDTH)
+    monkeypatch.setattr(infer, "DEMO_MASKS", 2)
+    monkeypatch.setattr(infer, "DEMO_PHOTOS", 3)
+    assert infer.main(FAST + ["--save-rounds"]) == 0
+    demo = tmp_path / "demo"
+    assert outputs(demo) == ["00003.jpg", "00004.jpg"]
+    page = demo / "gallery.html"
+    assert f"gallery: {page}" in capsys.readouterr().out
+    parser = Sources()
+    parser.feed(page.read_text())
+    # per row: reference, coloured mask, output, 3 rounds; every path relative and present
+    assert len(parser.sources) == 2 * 6
+    for src in parser.sources:
+        assert not src.startswith("/") and (demo / src).is_file(), src
+    html = page.read_text()
+    assert "sky" in html and 'class="legend"' in html
+    with Image.open(demo / "gallery" / "00003_mask.png") as mask:
+        assert mask.size == (WIDTH, HEIGHT)
