@@ -179,20 +179,23 @@ def load_item(job: Job, size: tuple[int, int] | None, multiple: int) -> Item:
 
 
 # ------------------------------------------------------------------------------- models (Jittor)
-def split_config(config: dict) -> tuple[dict, ScheduleConfig]:
-    """The U-Net fields and the schedule of a U-Net checkpoint's config: either the U-Net's own
-    fields (schedule: the IIDM default, linear over 1000 steps) or {"unet": {...},
-    "schedule": {...}, ...} as training writes it."""
+def split_config(config: dict) -> tuple[dict, ScheduleConfig, float]:
+    """The U-Net fields, the schedule and the latent scale of a U-Net checkpoint's config: either
+    the U-Net's own fields (a converted SDM/IIDM checkpoint: linear schedule over 1000 steps,
+    latent scale 1) or {"unet": {...}, "schedule": {...}, "latent_scale": s} as training exports it."""
     if isinstance(config.get("unet"), dict):
-        unet_fields, schedule_fields = config["unet"], config.get("schedule") or {}
+        unet_fields = config["unet"]
     else:
-        unet_fields = {k: v for k, v in config.items() if k != "schedule"}
-        schedule_fields = config.get("schedule") or {}
+        unet_fields = {k: v for k, v in config.items() if k not in ("schedule", "latent_scale")}
+    schedule_fields = config.get("schedule") or {}
     try:
         schedule = ScheduleConfig(**schedule_fields)
     except TypeError as exc:
         raise WeightsError(f"checkpoint config has a bad schedule {schedule_fields}: {exc}") from None
-    return dict(unet_fields), schedule
+    scale = config.get("latent_scale", 1.0)
+    if not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
+        raise WeightsError(f"checkpoint config has a bad latent_scale {scale!r} (expected a number > 0)")
+    return dict(unet_fields), schedule, float(scale)
 
 
 class Models:
@@ -209,7 +212,7 @@ class Models:
         arrays, info = average_checkpoints(checkpoints, which=which)
         if info["kind"] != "unet":
             raise WeightsError(f"{checkpoints[0]}: a {info['kind']!r} checkpoint, expected a U-Net ('unet')")
-        unet_fields, schedule_config = split_config(info["config"])
+        unet_fields, schedule_config, self.latent_scale = split_config(info["config"])
         config = UNetConfig.from_dict(unet_fields)
         self.unet = UNetModel(config)
         load_unet_state_dict(self.unet, arrays, ", ".join(str(p) for p in checkpoints))
@@ -226,15 +229,19 @@ class Models:
         self.multiple = self.factor * config.downsample_factor
 
     def encode(self, images: np.ndarray):
-        """RGB uint8 [B, H, W, 3] -> latent [B, C, H/f, W/f] (pixels mapped to [-1, 1])."""
+        """RGB uint8 [B, H, W, 3] -> latent [B, C, H/f, W/f] (pixels mapped to [-1, 1]), times the
+        checkpoint's latent scale (LDM's scale_factor)."""
         x = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
         with self.jt.no_grad():
-            return self.vq.encode(self.jt.array(x))
+            latent = self.vq.encode(self.jt.array(x))
+            return latent if self.latent_scale == 1.0 else latent * self.latent_scale
 
     def decode(self, latent) -> np.ndarray:
         """Latent -> RGB uint8 [B, H, W, 3]: (x + 1) * 127.5 clipped and truncated to uint8, as
         guided-diffusion's and LDM's sampling scripts convert."""
         with self.jt.no_grad():
+            if self.latent_scale != 1.0:
+                latent = latent / self.latent_scale
             image = self.vq.decode(latent).numpy()
         return np.clip((image + 1.0) * 127.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--mask_dropout", type=float, help="probability of training a sample with the null mask "
                                                         "(default 0.2; SDM: 0, then fine-tune at 0.2 with lr 2e-5)")
     ldm.add_argument("--ema_decay", type=float, help="default 0.9999")
+    ldm.add_argument("--latent_scale", help="diffuse latent x this (LDM's scale_factor; default 1, as IIDM's "
+                                            "VQ-f4); 'auto': 1 / the store's latent standard deviation")
     ldm.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step (default 1)")
     ldm.add_argument("--fp16", action="store_true", help="float16 torso with fp32 master weights (CUDA only)")
     ldm.add_argument("--grad_checkpoint", action="store_true",
@@ -121,6 +123,22 @@ def sample_decoder(store, vq_path: str | None):
     return model.decode
 
 
+def latent_scale_option(text: str, store) -> float:
+    """--latent_scale: a number, or 'auto' = 1 / the store's latent standard deviation."""
+    from ldm.training import latent_std
+
+    if text == "auto":
+        std = latent_std(store)
+        if not std > 0:
+            raise ValueError(f"--latent_scale auto: the latents in {store.path} have standard deviation {std}")
+        logging.getLogger("iidm").info("latent scale 1/%.6f = %.6f (the store's standard deviation)", std, 1 / std)
+        return 1.0 / std
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--latent_scale must be a number or 'auto', got {text!r}") from None
+
+
 def train_ldm_stage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.latents or not args.out:
         print("train.py: the ldm stage needs --latents STORE and --out RUN_DIR", file=sys.stderr)
@@ -147,6 +165,10 @@ def train_ldm_stage(parser: argparse.ArgumentParser, args: argparse.Namespace) -
                                                         "sample_every", "seed", "mask_dropout", "ema_decay",
                                                         "grad_accum") if getattr(args, name) is not None}
         given.update({flag: True for flag in ("fp16", "grad_checkpoint") if getattr(args, flag)})
+        if args.latent_scale is not None:
+            if args.resume:
+                raise ValueError("--latent_scale cannot change when resuming: the network learnt that scale")
+            given["latent_scale"] = latent_scale_option(args.latent_scale, store)
         config = replace(config, **given)
         decode = sample_decoder(store, args.vq) if config.sample_every else None
         result = train(UNetModel(unet_config), store, args.out, config, decode=decode, resume=args.resume)

@@ -89,6 +89,7 @@ class TrainConfig:
     initial_lg_loss_scale: float = 20.0
     fp16_scale_growth: float = 1e-3
     grad_checkpoint: bool = False   # not available: refused (see GRAD_CHECKPOINT_MISSING)
+    latent_scale: float = 1.0       # LDM's scale_factor: diffuse latent * scale (IIDM's VQ-f4: 1.0)
     schedule: ScheduleConfig = ScheduleConfig()
 
     def __post_init__(self):
@@ -105,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not (np.isfinite(self.latent_scale) and self.latent_scale > 0):
+            raise ValueError(f"TrainConfig.latent_scale must be a finite number > 0, got {self.latent_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +155,8 @@ def draw_batch(store: LatentStore, config: TrainConfig, step: int, num_classes: 
     indices = batch_indices(config.seed, step, b, len(store))
     views = rng.integers(0, 2, size=b) if config.flip else np.zeros(b, dtype=np.int64)
     latents, labels = store.batch(indices, views)
+    if config.latent_scale != 1.0:
+        latents = (latents * np.float32(config.latent_scale)).astype(np.float32)
     t = rng.integers(0, config.schedule.num_timesteps, size=b).astype(np.int32)
     noise = rng.standard_normal(latents.shape, dtype=np.float32)
     masks = one_hot(labels, num_classes)
@@ -439,7 +444,7 @@ def write_samples(path: Path, unet, schedule, store: LatentStore, config: TrainC
     timesteps = list(range(schedule.num_timesteps - 1, -1, -stride))
     with jt.no_grad():
         sample = ddim_sample(lambda x_t, t: unet(x_t, t, mask), schedule, noise, timesteps)
-        images = _to_uint8(decode(sample).numpy())
+        images = _to_uint8(decode(sample / config.latent_scale).numpy())
         reference = _to_uint8(decode(jt.array(latents)).numpy())
     height, width = images.shape[1:3]
     masks = [np.asarray(colorize(label)) for label in labels]
@@ -591,4 +596,22 @@ def export_ema(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str
     weights, kind = weights_of(arrays, info, which)
     weights = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
     extra = {"source": str(checkpoint), "weights": which, "step": info["extra"].get("step")}
-    save_checkpoint(out, weights, kind=kind, config=info["config"]["unet"], extra=extra)
+    train_config = TrainConfig.from_dict(info["config"]["train"])
+    config = {"unet": info["config"]["unet"], "schedule": dataclasses.asdict(train_config.schedule),
+              "latent_scale": train_config.latent_scale}
+    save_checkpoint(out, weights, kind=kind, config=config, extra=extra)
+
+
+def latent_std(store: LatentStore) -> float:
+    """Standard deviation of every latent value in the store (both views), in float64: LDM's
+    ``scale_by_std`` sets scale_factor = 1 / this (it measures one batch; this measures all)."""
+    total = total_sq = 0.0
+    count = 0
+    for start in range(0, len(store), 256):
+        indices = np.arange(start, min(start + 256, len(store)))
+        for view in (0, 1):
+            latents, _ = store.batch(indices, np.full(len(indices), view, dtype=np.int64))
+            values = latents.astype(np.float64)
+            total, total_sq, count = total + values.sum(), total_sq + (values ** 2).sum(), count + values.size
+    mean = total / count
+    return float(np.sqrt(max(total_sq / count - mean ** 2, 0.0)))

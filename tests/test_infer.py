@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import infer
+from ldm.checkpoint import WeightsError
 from datasets import DataError, save_label
 from datasets.synthetic import write_dataset
 from ldm import pipeline
@@ -58,10 +59,14 @@ def test_parse_size_and_split_config():
     assert infer.parse_size("384x512") == (384, 512) and infer.parse_size(None) is None
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         infer.parse_size("512")
-    unet, schedule = infer.split_config({"unet": {"in_channels": 3}, "schedule": {"num_timesteps": 500}})
+    unet, schedule, scale = infer.split_config({"unet": {"in_channels": 3}, "schedule": {"num_timesteps": 500},
+                                                "latent_scale": 2.5})
     assert unet == {"in_channels": 3} and schedule.num_timesteps == 500 and schedule.kind == "linear"
-    unet, schedule = infer.split_config({"in_channels": 3})
-    assert unet == {"in_channels": 3} and schedule.num_timesteps == 1000
+    assert scale == 2.5
+    unet, schedule, scale = infer.split_config({"in_channels": 3})
+    assert unet == {"in_channels": 3} and schedule.num_timesteps == 1000 and scale == 1.0
+    with pytest.raises(WeightsError, match="latent_scale"):
+        infer.split_config({"unet": {"in_channels": 3}, "latent_scale": -1})
 
 
 def test_no_model_names_both_demo_files(tmp_path, capsys, monkeypatch):
@@ -93,6 +98,22 @@ def models(tmp_path_factory, jt):
     save_checkpoint(folder / "unet.safetensors", arrays, kind="unet", config=config.to_dict())
     save_vqmodel(VQModel(vq_config("tiny")), folder / "vq.safetensors")
     return folder / "unet.safetensors", folder / "vq.safetensors"
+
+
+def test_models_apply_the_checkpoint_latent_scale(tmp_path, models, jt):
+    """A checkpoint exported with latent_scale s: encode gives s x the autoencoder's latent and
+    decode divides by s before decoding."""
+    from ldm.checkpoint import read_checkpoint, save_checkpoint
+
+    unet, vq = models
+    arrays, info = read_checkpoint(unet)
+    scaled = tmp_path / "scaled.safetensors"
+    save_checkpoint(scaled, arrays, kind="unet", config={"unet": info["config"], "latent_scale": 4.0})
+    plain, times4 = infer.Models([unet], vq), infer.Models([scaled], vq)
+    images = np.random.default_rng(0).integers(0, 256, (1, HEIGHT, WIDTH, 3), dtype=np.uint8)
+    a, b = plain.encode(images).numpy(), times4.encode(images).numpy()
+    np.testing.assert_allclose(b, 4.0 * a, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(times4.decode(jt.array(b)), plain.decode(jt.array(a)))
 
 
 def dataset(root, n_test):

@@ -117,6 +117,20 @@ def test_each_step_draws_the_same_batch_again(store):
     assert a.t.min() >= 0 and a.t.max() < 1000
 
 
+def test_latent_scale_multiplies_the_drawn_latents_and_std_is_over_the_whole_store(store):
+    from ldm.latents import LatentStore
+    from ldm.training import draw_batch, latent_std
+
+    latents = LatentStore(store)
+    plain, scaled = draw_batch(latents, config(), 5), draw_batch(latents, config(latent_scale=2.5), 5)
+    np.testing.assert_array_equal(scaled.latents, plain.latents * np.float32(2.5))
+    np.testing.assert_array_equal(scaled.noise, plain.noise)
+    every = np.load(store / "latents.npy").astype(np.float64)   # [count, 2 views, C, H, W]
+    assert latent_std(latents) == pytest.approx(every.std(), rel=1e-12)
+    with pytest.raises(ValueError, match="latent_scale"):
+        config(latent_scale=0.0)
+
+
 def test_ema_matches_the_closed_form(jt):
     from ldm.ema import EMA
 
@@ -314,15 +328,19 @@ def test_gradient_accumulation_matches_the_full_batch(jt, store, tmp_path):
 
 
 def test_export_weights_and_reload(jt, store, tmp_path):
+    from infer import split_config
     from ldm.checkpoint import read_checkpoint
     from ldm.training import export_ema, train
     from models import UNetConfig, UNetModel, load_unet_state_dict
 
-    train(make_unet(jt), store, tmp_path / "run", config(max_steps=1, save_every=1), progress=False)
+    train(make_unet(jt), store, tmp_path / "run", config(max_steps=1, save_every=1, latent_scale=3.0),
+          progress=False)
     export_ema(tmp_path / "run" / "checkpoints" / "last.safetensors", tmp_path / "unet.safetensors")
     arrays, info = read_checkpoint(tmp_path / "unet.safetensors")
     assert info["kind"] == "unet"
-    unet = UNetModel(UNetConfig.from_dict(info["config"]))
+    unet_fields, schedule, scale = split_config(info["config"])
+    assert scale == 3.0 and schedule.num_timesteps == 1000
+    unet = UNetModel(UNetConfig.from_dict(unet_fields))
     load_unet_state_dict(unet, arrays)
     train_arrays, _ = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
     for name, value in arrays.items():
