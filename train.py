@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("--sample_every", type=int, help="save reconstructions every N steps (default 1000)")
     ae.add_argument("--save_every", type=int, help="write the checkpoint every N steps (default 1000)")
     ae.add_argument("--seed", type=int, help="default 0")
+    ae.add_argument("--codebook_restart", type=int, help="every N steps (and at step 0), set codes no position "
+                                                         "chose since the last restart to encoder outputs of the "
+                                                         "batch (default 0: off, as taming)")
     ldm = parser.add_argument_group(
         "ldm", "also uses --out, --preset (U-Net: iidm (default), demo or tiny), --batch_size (global, default 5), "
                "--lr (default 1e-4), --max_steps, --save_every, --sample_every (default 5000), --seed, --resume; "
@@ -93,7 +96,7 @@ def train_autoencoder_stage(parser: argparse.ArgumentParser, args: argparse.Name
         if args.disc_start is not None:
             loss_config = replace(loss_config, disc_start=args.disc_start)
         given = {name: getattr(args, name) for name in ("height", "width", "batch_size", "lr", "max_steps",
-                                                        "sample_every", "save_every", "seed")
+                                                        "sample_every", "save_every", "seed", "codebook_restart")
                  if getattr(args, name) is not None}
         train_config = replace(train_config, **given)
         result = train_autoencoder(args.data, args.out, model_config, loss_config, train_config,

@@ -230,3 +230,50 @@ def test_train_py_refusals(train_root, tmp_path, capsys):
     assert main(["autoencoder", "--data", str(train_root), "--out", str(tmp_path / "x"), "--preset", "tiny",
                  "--lpips_vgg", "vgg16.pth"]) == 1
     assert "LPIPS needs both weight files" in capsys.readouterr().err
+
+
+def test_restart_dead_codes_sets_unused_codes_to_encoder_outputs(jt, tiny):
+    from autoencoder.training import restart_dead_codes
+
+    x = jt.array(images(5))
+    before = tiny.quantize.embedding.weight.numpy().copy()
+    usage = np.zeros(len(before), np.int64)
+    usage[::3] = 7                                   # every third code was chosen: it must stay
+    try:
+        replaced = restart_dead_codes(tiny, x, usage, np.random.default_rng(0))
+        after = tiny.quantize.embedding.weight.numpy()
+        z = tiny.encode(x).numpy()
+    finally:
+        tiny.quantize.embedding.weight.update(jt.array(before))
+    vectors = z.transpose(0, 2, 3, 1).reshape(-1, z.shape[1])   # 2 x 6 x 8 = 96 >= the dead codes
+    dead = np.flatnonzero(usage == 0)
+    assert replaced == len(dead)
+    np.testing.assert_array_equal(after[usage > 0], before[usage > 0])
+    rows = [int(np.flatnonzero((vectors == after[k]).all(axis=1))[0]) for k in dead]  # IndexError if not a vector
+    assert len(set(rows)) == len(rows)               # drawn without replacement
+
+
+def test_codebook_restart_initialises_from_data_and_resumes_exactly(jt, train_root, tmp_path):
+    from autoencoder.vqmodel import load_vqmodel
+    from ldm.checkpoint import module_arrays
+    from train import main
+
+    def argv(run, steps):
+        return ["autoencoder", "--data", str(train_root), "--out", str(run), "--preset", "tiny", "--height",
+                str(HEIGHT), "--width", str(WIDTH), "--batch_size", str(BATCH), "--lr", "2e-3", "--disc_start",
+                "1000", "--sample_every", "0", "--save_every", "2", "--codebook_restart", "3",
+                "--max_steps", str(steps)]
+
+    assert main(argv(tmp_path / "whole", 7)) == 0
+    assert main(argv(tmp_path / "split", 4)) == 0
+    assert main(["autoencoder", "--data", str(train_root), "--out", str(tmp_path / "split"), "--resume",
+                 "--max_steps", "7"]) == 0
+    whole, split = _log(tmp_path / "whole"), _log(tmp_path / "split")
+    assert whole[0]["codes_restarted"] == 64         # step 0: the whole codebook comes from data
+    assert [e.get("codes_restarted") is not None for e in whole] == [True, False, False, True, False, False, True]
+    for ours, theirs in zip(split, whole):
+        assert ours["codes_used"] == theirs["codes_used"] and ours.get("codes_restarted") == theirs.get("codes_restarted")
+        np.testing.assert_allclose(ours["l1_loss"], theirs["l1_loss"], rtol=1e-4, atol=1e-6)
+    a = module_arrays(load_vqmodel(tmp_path / "whole" / "checkpoints" / "last.safetensors"))
+    b = module_arrays(load_vqmodel(tmp_path / "split" / "checkpoints" / "last.safetensors"))
+    np.testing.assert_allclose(b["quantize.embedding.weight"], a["quantize.embedding.weight"], rtol=1e-4, atol=1e-6)
