@@ -333,7 +333,7 @@ def prepare_demo(output: Path) -> tuple[Path, Path, Path]:
     from datasets.synthetic import write_dataset
 
     inputs = output / "inputs"
-    mapping = inputs / "test" / MAPPING_FILE
+    mapping = inputs / "test" / "labels" / MAPPING_FILE
     if not mapping.is_file():
         write_dataset(inputs, DEMO_PHOTOS, DEMO_HEIGHT, DEMO_WIDTH, seed=0, n_test=DEMO_MASKS, overwrite=True)
     return inputs / "test" / "labels", inputs / "train", mapping

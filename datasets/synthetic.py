@@ -421,7 +421,8 @@ def make_scene(rng: np.random.Generator, height: int, width: int, style: str | N
 def write_dataset(out_dir, n: int, height: int, width: int, seed: int = 0, n_test: int | None = None,
                   overwrite: bool = False) -> dict:
     """Write the challenge layout: train/imgs/NAME.jpg, train/labels/NAME.png, test/labels/NAME.png,
-    test/imgs/NAME.jpg (ground truth in the style and look of its reference), test/label_to_img.json
+    test/imgs/NAME.jpg (ground truth in the style and look of its reference),
+    test/labels/label_to_img.json (beside the masks, as the challenge ships it)
     (test mask -> training reference image) and styles.json (every image name -> style).
 
     Image NAME = f"{i:05d}" uses np.random.default_rng([seed, i]); test names continue after the n
@@ -456,7 +457,7 @@ def write_dataset(out_dir, n: int, height: int, width: int, seed: int = 0, n_tes
         styles[f"{name}.jpg"] = style
         Image.fromarray(image, "RGB").save(out / split / "imgs" / f"{name}.jpg", quality=95)
         Image.fromarray(label, "L").save(out / split / "labels" / f"{name}.png")
-    (out / "test" / "label_to_img.json").write_text(json.dumps(pairs, indent=1) + "\n")
+    (out / "test" / "labels" / "label_to_img.json").write_text(json.dumps(pairs, indent=1) + "\n")
     (out / "styles.json").write_text(json.dumps(styles, indent=1) + "\n")
     freq = counts / counts.sum()
     return {"out_dir": str(out), "n_train": n, "n_test": n_test, "height": height, "width": width,

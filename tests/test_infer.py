@@ -118,8 +118,7 @@ def test_models_apply_the_checkpoint_latent_scale(tmp_path, models, jt):
 
 def dataset(root, n_test):
     write_dataset(root, 3, HEIGHT, WIDTH, seed=0, n_test=n_test)
-    return ["--input_path", str(root / "test" / "labels"), "--img_path", str(root / "train"),
-            "--mapping", str(root / "test" / "label_to_img.json")]
+    return ["--input_path", str(root / "test" / "labels"), "--img_path", str(root / "train")]
 
 
 def outputs(out):
@@ -157,7 +156,7 @@ def test_bad_inputs_are_reported_and_the_rest_produced(tmp_path, models, capsys)
     root, out = tmp_path / "data", tmp_path / "out"
     args = dataset(root, 2) + ["--output_path", str(out), "--ckpt", str(unet), "--vq", str(vq), *FAST]
     labels = root / "test" / "labels"
-    mapping = json.loads((root / "test" / "label_to_img.json").read_text())
+    mapping = json.loads((root / "test" / "labels" / "label_to_img.json").read_text())
     broken = np.zeros((HEIGHT, WIDTH), np.uint8)
     broken[3, 4] = 31
     Image.fromarray(broken, "L").save(labels / "broken.png")
@@ -168,7 +167,7 @@ def test_bad_inputs_are_reported_and_the_rest_produced(tmp_path, models, capsys)
     (root / "train" / "imgs" / "cut.jpg").write_bytes(data[: len(data) // 2])
     mapping.update({"broken.png": "00000.jpg", "noref.png": "missing.jpg", "odd.png": "00000.jpg",
                     "trunc.png": "cut.jpg"})
-    (root / "test" / "label_to_img.json").write_text(json.dumps(mapping))
+    (root / "test" / "labels" / "label_to_img.json").write_text(json.dumps(mapping))
 
     assert infer.main(args) == infer.FAILED
     assert outputs(out) == ["00003.jpg", "00004.jpg"]

@@ -72,14 +72,14 @@ def synthetic(tmp_path_factory):
 
 def run_args(root, results, *extra):
     return ["--results", str(results), "--input_path", str(root / "test" / "labels"),
-            "--mapping", str(root / "test" / "label_to_img.json"), "--img_path", str(root / "train"),
+            "--mapping", str(root / "test" / "labels" / "label_to_img.json"), "--img_path", str(root / "train"),
             "--cpu", *extra]
 
 
 def expected_s(root, names, mode="challenge"):
     from tools.style_similarity import read_bgr, style_similarity
 
-    mapping = json.loads((root / "test" / "label_to_img.json").read_text())
+    mapping = json.loads((root / "test" / "labels" / "label_to_img.json").read_text())
     values = [style_similarity(read_bgr(root / "test" / "imgs" / f"{n}.jpg"),
                                read_bgr(root / "train" / "imgs" / mapping[f"{n}.png"]), mode).value
               for n in names]

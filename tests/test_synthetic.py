@@ -106,7 +106,7 @@ def test_dataset_layout(tmp_path):
         for p in (out / folder / "imgs").glob("*.jpg"):
             with Image.open(p) as im:
                 assert im.format == "JPEG" and im.mode == "RGB" and im.size == (32, 24)
-    pairs = json.loads((out / "test/label_to_img.json").read_text())
+    pairs = json.loads((out / "test/labels/label_to_img.json").read_text())
     assert sorted(pairs) == test_masks
     assert all((out / "train/imgs" / ref).is_file() for ref in pairs.values())
     styles = json.loads((out / "styles.json").read_text())
