@@ -6,10 +6,12 @@ same folder, then rename) so a killed run never leaves a half-written output beh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -57,17 +59,33 @@ def load_label(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> np.nd
     return validate_label(label, source=str(path), num_classes=num_classes)
 
 
-def _atomic_save(image: Image.Image, path: Path, **params) -> None:
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+    """Write ``path`` through a temporary file beside it: on success the file is flushed, synced
+    and renamed onto ``path``, so readers (and a crash) see the old file or the new one, never a
+    part; on an error the temporary file is removed and ``path`` is left as it was.
+
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=params.pop("format"), **params)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _atomic_save(image: Image.Image, path: Path, **params) -> None:
+    with atomic_write(path) as f:
+        image.save(f, format=params.pop("format"), **params)
 
 
 def save_image(path: str | os.PathLike, image: np.ndarray, quality: int = 95) -> None:

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from datasets.io import atomic_write
 
 FORMAT_NAME = "iidm-jittor"
 CHECKPOINT_VERSION = 1
@@ -94,18 +95,8 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], k
         "extra": json.dumps(dict(extra or {}), sort_keys=True),
     }
     data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

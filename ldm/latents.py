@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from datasets.io import atomic_write
 
 FORMAT_NAME = "iidm-latents"
 FORMAT_VERSION = 1
@@ -37,18 +38,8 @@ class StoreError(ValueError):
 
 def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Write JSON through a temporary file and a rename, so a crash leaves the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(store: str | os.PathLike) -> dict[str, Any]:

@@ -225,3 +225,20 @@ def test_test_set_bad_mapping_file(tmp_path):
     (masks / "label_to_img.json").unlink()
     with pytest.raises(DataError, match="label_to_img.json: not found"):
         TestSet(masks, train)
+
+
+def test_atomic_write_keeps_the_old_file_on_error_and_leaves_no_temporary(tmp_path):
+    from datasets.io import atomic_write
+
+    path = tmp_path / "sub" / "file.json"
+    with atomic_write(path, "w") as f:
+        f.write("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_write(path, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["file.json"]
+    with atomic_write(path, "wb") as f:
+        f.write(b"new")
+    assert path.read_bytes() == b"new"

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ import jittor as jt
 from jittor import nn
 
 from datasets import load_image
+from datasets.io import atomic_write
 from ldm.checkpoint import load_weights
 
 log = logging.getLogger("iidm.fid")
@@ -398,16 +398,8 @@ class CachedStatistics:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def cached_statistics(paths: Sequence[Path], feature_fn: FeatureFn, weights_id: str,

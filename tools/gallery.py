@@ -27,6 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import CLASS_NAMES, PALETTE, DataError, colorize, load_label, save_image  # noqa: E402
+from datasets.io import atomic_write  # noqa: E402
 from datasets.landscape import MAPPING_FILE, _read_mapping, find_image_folder  # noqa: E402
 
 log = logging.getLogger("iidm.gallery")
@@ -132,9 +133,8 @@ def write_gallery(page: Path, rows: Sequence[GalleryRow], title: str = "IIDM res
             cells.append(f'<td><div class="rounds">{images}</div></td>')
         lines.append("<tr>" + "".join(cells) + "</tr>")
     lines += ["</table>", "</body></html>", ""]
-    tmp = page.with_name(f".{page.name}.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, page)
+    with atomic_write(page, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
     return page
 
 

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ if __package__ in (None, ""):
 
 import jittor_env  # noqa: E402
 from datasets import DataError, TestSet, load_label  # noqa: E402
-from datasets.io import IMAGE_SUFFIXES  # noqa: E402
+from datasets.io import IMAGE_SUFFIXES, atomic_write  # noqa: E402
 from datasets.landscape import find_image_folder  # noqa: E402
 from tools.style_similarity import DEFAULT_MODE, MODES, ImageReadError, read_bgr, style_similarity  # noqa: E402
 
@@ -253,16 +252,8 @@ def default_fid_cache() -> Path:
 
 # ------------------------------------------------------------------------------------ output
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 def write_csv(path: Path, images: list[ImageScore]) -> None:
