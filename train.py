@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ldm.add_argument("--grad_accum", type=int, help="micro-batches per optimizer step (default 1)")
     ldm.add_argument("--fp16", action="store_true", help="float16 torso with fp32 master weights (CUDA only)")
     ldm.add_argument("--grad_checkpoint", action="store_true",
-                     help="not available: refused with the measurement (docs/training.md)")
+                     help="recompute each U-Net block in the backward pass, one block at a time: much "
+                          "lower peak memory for about one more forward per step (docs/training.md)")
     ldm.add_argument("--vq", help="autoencoder that decodes the sample images (default: the store's, when its "
                                   "checksum still matches)")
     return parser

@@ -88,7 +88,7 @@ class TrainConfig:
     fp16: bool = False              # CUDA only: float16 torso, fp32 master weights, loss scaling
     initial_lg_loss_scale: float = 20.0
     fp16_scale_growth: float = 1e-3
-    grad_checkpoint: bool = False   # not available: refused (see GRAD_CHECKPOINT_MISSING)
+    grad_checkpoint: bool = False   # recompute each U-Net block in the backward (models/staged.py)
     latent_scale: float = 1.0       # LDM's scale_factor: diffuse latent * scale (IIDM's VQ-f4: 1.0)
     schedule: ScheduleConfig = ScheduleConfig()
 
@@ -163,78 +163,6 @@ def draw_batch(store: LatentStore, config: TrainConfig, step: int, num_classes: 
     dropped = drop_masks(masks, config.mask_dropout, rng)
     kept = dropped.reshape(b, -1).any(axis=1)
     return Batch(latents, dropped, labels, t, noise, kept)
-
-
-# ------------------------------------------------------------------------------ gradient checkpointing
-# NOT ACHIEVED (see docs/training.md, "Gradient checkpointing"): the recompute below gives the same
-# loss and gradients as the plain network, but Jittor's memory profiler measured no lower peak
-# (demo U-Net, 96x128 latents, batch 4: 1035.5 MiB plain, 1023.6 MiB recomputed; 1489.7 MiB when
-# the backward pass is also cut into one execution per block with jt.sync). It is kept so that
-# the work can continue; the training loop refuses grad_checkpoint=True.
-GRAD_CHECKPOINT_MISSING = ("gradient checkpointing is not available: a block recompute was measured to give "
-                           "correct gradients but no lower peak memory in Jittor 1.3.11 (docs/training.md); "
-                           "lower --batch_size and use --grad_accum instead")
-
-
-def checkpoint_block(block) -> None:
-    """Experimental: make ``block(*inputs)`` recompute its activations in the backward pass."""
-    original = block.execute
-    params = [p for p in block.parameters() if not p.is_stop_grad()]
-
-    def execute(*inputs):
-        if jt.flags.no_grad or not params:
-            return original(*inputs)
-        return _CheckpointedCall.apply_block(original, params, inputs)
-
-    block.execute = execute
-
-
-class _CheckpointedCall(jt.Function):
-    """A block run under ``no_grad`` in the forward pass and recomputed in ``grad``.
-
-    The Function's inputs are the block's inputs and its parameters, so both receive gradients
-    through ``grad``, which recomputes the block from detached copies of the inputs and
-    differentiates that copy (its incoming gradient detached, so the inner ``jt.grad`` does not
-    walk back into the outer backward graph). Jittor's tape marks every taped input stop-grad once
-    the call returns, so which inputs need a gradient is read in ``execute``.
-    """
-
-    @classmethod
-    def apply_block(cls, original: Callable, params: list[jt.Var], inputs: tuple) -> jt.Var:
-        func = cls()
-        func.original, func.n_inputs, func.block_params = original, len(inputs), params
-        return func(*inputs, *params)
-
-    def execute(self, *args):
-        self.saved = args
-        self.needs_grad = [not v.is_stop_grad() for v in args[:self.n_inputs]]
-        with jt.no_grad():
-            output = self.original(*args[:self.n_inputs])
-        # Made under no_grad the output is stop-grad; the Function's tape still needs a gradient.
-        return output.start_grad()
-
-    def grad(self, grad_out):
-        if grad_out is None:
-            return (None,) * len(self.saved)
-        grad_out = grad_out.detach()
-        inputs = [v.detach().start_grad() for v in self.saved[:self.n_inputs]]
-        with jt.enable_grad():
-            output = self.original(*inputs)
-        wrt = [i for i in range(self.n_inputs) if self.needs_grad[i]]
-        grads = jt.grad((output * grad_out).sum(), [inputs[i] for i in wrt] + self.block_params)
-        out = [None] * self.n_inputs
-        for k, i in enumerate(wrt):
-            out[i] = grads[k]
-        return tuple(out) + tuple(grads[len(wrt):])
-
-
-def enable_grad_checkpoint(unet) -> int:
-    """Experimental: checkpoint every block of ``unet.input_blocks``, ``middle_block`` and
-    ``output_blocks`` (the SDM U-Net's module tree); returns the number of blocks wrapped."""
-    blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
-    for block in blocks:
-        checkpoint_block(block)
-    return len(blocks)
 
 
 # ------------------------------------------------------------------------------ the loop state
@@ -362,10 +290,19 @@ def _step(trainer: _Trainer, schedule, batch: Batch) -> dict[str, Any]:
         mask = jt.array(batch.masks[part])
         t = jt.array(batch.t[part])
         noise = jt.array(batch.noise[part])
-        terms = training_losses(schedule, lambda x_t, t_model: trainer.unet(x_t, t_model, mask), x_start, t, noise,
-                                loss_type=cfg.loss_type)
-        loss = terms["loss"].mean() * (scale / cfg.grad_accum)
-        micro_grads = jt.grad(loss, trainer.params)
+        if cfg.grad_checkpoint:
+            from models.staged import StagedPass
+
+            staged = StagedPass(trainer.unet, mask)
+            terms = training_losses(schedule, staged.forward, x_start, t, noise, loss_type=cfg.loss_type)
+            loss = terms["loss"].mean() * (scale / cfg.grad_accum)
+            by_id = staged.backward(jt.grad(loss, staged.output))
+            micro_grads = [by_id[id(p)] for p in trainer.params]
+        else:
+            terms = training_losses(schedule, lambda x_t, t_model: trainer.unet(x_t, t_model, mask), x_start, t,
+                                    noise, loss_type=cfg.loss_type)
+            loss = terms["loss"].mean() * (scale / cfg.grad_accum)
+            micro_grads = jt.grad(loss, trainer.params)
         micro_grads = [g.float32() if g.dtype != "float32" else g for g in micro_grads]
         grads = micro_grads if grads is None else [a + g for a, g in zip(grads, micro_grads)]
         jt.sync([*terms.values(), *grads])
@@ -507,7 +444,9 @@ def train(unet, latents: str | os.PathLike | LatentStore, out_dir: str | os.Path
         raise ValueError(f"the network takes {unet.config.in_channels} latent channels, the store holds {c}")
 
     if config.grad_checkpoint:
-        raise ValueError(GRAD_CHECKPOINT_MISSING)
+        from models.staged import check_staged
+
+        check_staged(unet)
     schedule = make_schedule(config.schedule)
     trainer = _Trainer(unet, config)
     unet_config = unet.config.to_dict()
