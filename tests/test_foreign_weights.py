@@ -395,6 +395,14 @@ def test_converter_round_trip_and_plain_word_report(jt, tmp_path, capsys):
     loaded = module_arrays(load_vqmodel(tmp_path / "vq.safetensors"))
     np.testing.assert_array_equal(loaded["decoder.conv_out.weight"], weights["decoder.conv_out.weight"])
 
+    # float16 storage: float weights halved, loaded back as the network's float32.
+    assert main([str(tmp_path / "vq.safetensors"), str(tmp_path / "half.safetensors"), "--dtype", "float16"]) == 0
+    half, _ = read_checkpoint(tmp_path / "half.safetensors")
+    assert {v.dtype for v in half.values()} == {np.dtype("float16")}
+    reloaded = module_arrays(load_vqmodel(tmp_path / "half.safetensors"))
+    np.testing.assert_array_equal(reloaded["decoder.conv_out.weight"],
+                                  weights["decoder.conv_out.weight"].astype(np.float16).astype(np.float32))
+
     # This project's own checkpoint converts to itself, config taken from the file.
     assert main([str(tmp_path / "vq.safetensors"), str(tmp_path / "again.safetensors")]) == 0
     again, again_info = read_checkpoint(tmp_path / "again.safetensors")

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", help="name prefix of the weights inside the file (default: found by itself)")
     parser.add_argument("--ignore", action="append", default=[], metavar="PREFIX",
                         help="leave out weights whose names start with PREFIX (repeatable)")
+    parser.add_argument("--dtype", choices=("float32", "float16"),
+                        help="store the floating-point weights in this type (default: the network's, float32); "
+                             "loading casts them back to the network's type")
     parser.add_argument("--strict", action="store_true",
                         help="refuse the file if its pickle names any class outside the whitelist, even in "
                              "sections that hold no weights (Lightning callbacks)")
@@ -183,8 +186,12 @@ def main(argv=None) -> int:
               "nothing was written.", file=sys.stderr)
         print("\n".join(problems), file=sys.stderr)
         return 1
-    out = {name: np.asarray(selection.weights[name]).astype(str(var.dtype)) for name, var in state.items()}
+    out = {name: np.asarray(selection.weights[name]).astype(
+               args.dtype if args.dtype and str(var.dtype).startswith("float") else str(var.dtype))
+           for name, var in state.items()}
     extra = {"converted_from": Path(args.input).name, "source_format": info.format, "source_layout": info.layout}
+    if args.dtype:
+        extra["stored_dtype"] = args.dtype
     if info.values:
         extra["source_values"] = info.values
     save_checkpoint(args.output, out, kind=args.kind, config=config.to_dict(), extra=extra)
