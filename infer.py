@@ -1,6 +1,6 @@
 """Generate landscapes from label maps and style references (IIDM inference).
 
-    python infer.py                                    # the embedded default: demo model, synthetic masks
+    python infer.py                                    # the embedded default: demo model, synthetic masks, fast preset
     python infer.py --input_path MASKS --img_path TRAIN_ROOT --output_path OUT \\
         --ckpt A.safetensors [--ckpt B.safetensors] --vq VQ.safetensors [--preset iidm|fast|pure-noise]
     python infer.py --mask m.png --ref r.jpg --out o.jpg --ckpt A.safetensors --vq VQ.safetensors
@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", choices=WEIGHT_SETS, default="ema",
                        help="which weights of a training checkpoint to use (default ema)")
     model.add_argument("--vq", type=Path, help="autoencoder checkpoint (default: vq.safetensors beside the first --ckpt)")
-    model.add_argument("--preset", choices=PRESETS, default="iidm",
-                       help="iidm: the official recipe (1280 U-Net passes per image); fast: DPM-Solver++ "
-                            "(120); pure-noise: the ablation starting from noise")
+    model.add_argument("--preset", choices=PRESETS,
+                       help="iidm (default): the official recipe (1280 U-Net passes per image); fast: "
+                            "DPM-Solver++ (120; the demo's default); pure-noise: the ablation starting from noise")
     model.add_argument("--steps", type=int, help="solver steps per round (fast preset only; default 20)")
     model.add_argument("--size", help="generate at HEIGHTxWIDTH (masks resized nearest, outputs resized "
                                       "back to each mask's size); default: each mask's own size")
@@ -360,6 +360,7 @@ def main(argv=None) -> int:
     demo = not quick and args.input_path is None
     if args.input_path is not None and args.img_path is None:
         parser.error("--input_path needs --img_path (the training root holding the references)")
+    args.preset = args.preset or ("fast" if demo else "iidm")
     if args.steps is not None and args.preset != "fast":
         parser.error(f"--steps applies to the fast preset only; {args.preset!r} is a fixed recipe")
     if args.batch_size < 1 or not 1 <= args.quality <= 100:

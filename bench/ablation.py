@@ -1,0 +1,165 @@
+"""The IIDM paper's Table 2 ablation on any model and test set, scored with tools/score.py.
+
+    python bench/ablation.py --ckpt unet.safetensors --vq vq.safetensors \
+        --input_path data/synthetic/test/labels --img_path data/synthetic/train --out outputs/ablation \
+        [--average a.safetensors --average b.safetensors] [--segmenter seg.safetensors] \
+        [--ground_truth data/synthetic/test/imgs] [--steps 20] [--limit 16] [--with-iidm]
+
+Rows, each adding one of the paper's steps to the row before:
+
+    pure-noise         one round from N(0, I) at T - 1 (SDM's sampling), guidance 3.5
+    img2img            one round from the encoded reference noised to t = 600, guidance 3.5
+    + refinement       two more rounds from the previous output at t = 640 and t = 400, guidance 3.7
+    + colour transfer  the previous output is colour-transferred toward the reference before each
+                       refinement round (the full recipe)
+    + averaged ckpts   the same with the --ckpt and --average checkpoints averaged (when given)
+    iidm (DDIM)        the official recipe itself, 1280 U-Net passes (with --with-iidm)
+
+All rows but the last run DPM-Solver++(2M) with --steps steps per round, so they differ only in
+what the paper ablates. Every image keeps its own seed across rows. Outputs are written under
+OUT/ROW/ and kept (a rerun skips what exists), the table is printed in Markdown and written to
+OUT/ablation.json. With --ground_truth (the synthetic generator writes each test mask rendered in
+its reference's style to test/imgs), the mean absolute pixel difference to it and the PSNR are
+reported too, and a first row scores the ground truth itself, as the best a model can do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jittor_env  # noqa: E402
+
+
+def row_rounds(schedule, steps: int) -> dict:
+    """Round lists of the ablation rows, keyed by row name."""
+    from ldm import pipeline
+    from ldm.respace import solver_stage
+
+    fast = pipeline.fast_rounds(schedule, steps)
+    noise = pipeline.Round(solver_stage(schedule, schedule.num_timesteps - 1, steps), "dpm_solver_pp_2m",
+                           fast[0].guidance_scale, start="noise")
+    plain_refinement = (fast[0],) + tuple(dataclasses.replace(r, color_transfer=False) for r in fast[1:])
+    return {"pure-noise": (noise,), "img2img": fast[:1], "+ refinement": plain_refinement,
+            "+ colour transfer": fast}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").replace("__", "_")
+
+
+def pixel_errors(results: Path, ground_truth: Path, names: list[str]) -> tuple[float, float | None]:
+    """Mean absolute difference (0-255) and mean PSNR (dB, over images that differ at all; None
+    when none does) of results against ground truth."""
+    from datasets import load_image
+    from datasets.transforms import resize_image
+
+    mae, psnr = [], []
+    for name in names:
+        ours = load_image(results / f"{name}.jpg").astype(np.float64)
+        truth = load_image(ground_truth / f"{name}.jpg")
+        if truth.shape != ours.shape:
+            truth = resize_image(truth, *ours.shape[:2])
+        diff = ours - truth.astype(np.float64)
+        mae.append(np.abs(diff).mean())
+        mse = (diff ** 2).mean()
+        psnr.append(10 * np.log10(255.0 ** 2 / mse) if mse > 0 else None)
+    finite = [p for p in psnr if p is not None]
+    return float(np.mean(mae)), (float(np.mean(finite)) if finite else None)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True, help="U-Net checkpoint")
+    parser.add_argument("--average", type=Path, action="append", default=[],
+                        help="more checkpoints to average with --ckpt for the last row (repeatable)")
+    parser.add_argument("--vq", type=Path, required=True, help="autoencoder checkpoint")
+    parser.add_argument("--input_path", type=Path, required=True, help="masks folder with label_to_img.json")
+    parser.add_argument("--img_path", type=Path, required=True, help="training root holding the references")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the rows' outputs and ablation.json")
+    parser.add_argument("--segmenter", type=Path, help="segmenter checkpoint for the mask accuracy M")
+    parser.add_argument("--ground_truth", type=Path, help="folder of NAME.jpg ground truths (synthetic test/imgs)")
+    parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps per round (default 20)")
+    parser.add_argument("--limit", type=int, help="use the first N masks only")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--with-iidm", dest="with_iidm", action="store_true",
+                        help="also run the official recipe (DDIM, 1280 U-Net passes per image)")
+    jittor_env.add_arguments(parser)
+    args = parser.parse_args(argv)
+    jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+
+    import infer
+    from ldm import pipeline
+    from tools.score import score_results
+    from tools.segmenter import load_segmenter
+
+    models = infer.Models([args.ckpt], args.vq)
+    rows = row_rounds(models.schedule, args.steps)
+    plans = [(name, models, rounds) for name, rounds in rows.items()]
+    if args.average:
+        plans.append(("+ averaged ckpts", infer.Models([args.ckpt, *args.average], args.vq), rows["+ colour transfer"]))
+    if args.with_iidm:
+        plans.append(("iidm (DDIM)", models, pipeline.iidm_rounds(models.schedule.num_timesteps)))
+    segmenter = load_segmenter(args.segmenter) if args.segmenter else None
+
+    jobs = infer.list_jobs(args.input_path, args.img_path, args.out / "_unused")
+    jobs = jobs[: args.limit] if args.limit else jobs
+    names = [job.name for job in jobs]
+    masks = args.out / "masks"   # the chosen masks and their mapping, so the scorer sees only them
+    masks.mkdir(parents=True, exist_ok=True)
+    mapping = json.loads((args.input_path / "label_to_img.json").read_text())
+    for job in jobs:
+        (masks / job.mask_path.name).write_bytes(job.mask_path.read_bytes())
+    (masks / "label_to_img.json").write_text(json.dumps({f"{n}.png": mapping[f"{n}.png"] for n in names}, indent=1))
+
+    table = []
+
+    def score(name: str, folder: Path, passes: int | None, seconds: float | None) -> None:
+        report = score_results(folder, masks, args.img_path, segmenter=segmenter, log_every=10 ** 9)
+        summary = report.summary()
+        row = {"row": name, "unet_passes": passes, "seconds_per_image": seconds,
+               "S": summary["metrics"]["S"], "S_corrected": summary["style_similarity"]["corrected"]["S"],
+               "M": summary["metrics"]["M"]}
+        if args.ground_truth:
+            row["MAE"], row["PSNR"] = pixel_errors(folder, args.ground_truth, names)
+        table.append(row)
+        print(json.dumps(row), flush=True)
+
+    if args.ground_truth:
+        score("ground truth", args.ground_truth, None, None)
+    for name, row_models, rounds in plans:
+        folder = args.out / slug(name)
+        todo = [dataclasses.replace(job, output=folder / f"{job.name}.jpg") for job in jobs]
+        todo = [job for job in todo if not job.output.is_file()]
+        started = time.perf_counter()
+        report = infer.generate(todo, row_models, rounds, batch_size=args.batch_size, seed=args.seed, quality=95,
+                                size=None, save_rounds=False, show_progress=False)
+        if report.failures:
+            print(f"{name}: {len(report.failures)} failed: {report.failures[:3]}", file=sys.stderr)
+            return 1
+        seconds = (time.perf_counter() - started) / len(todo) if todo else None
+        score(name, folder, pipeline.unet_passes(rounds), seconds)
+
+    (args.out / "ablation.json").write_text(json.dumps({"rows": table, "steps": args.steps, "masks": names,
+                                                        "ckpt": str(args.ckpt), "average": [str(p) for p in args.average]},
+                                                       indent=2) + "\n")
+    columns = ["row", "unet_passes", "S", "S_corrected", "M"] + (["MAE", "PSNR"] if args.ground_truth else [])
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in table:
+        cells = [row["row"]] + ["-" if row.get(c) is None else (f"{row[c]:.2f}" if isinstance(row[c], float)
+                                                                 else str(row[c])) for c in columns[1:]]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
