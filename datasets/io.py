@@ -59,6 +59,10 @@ def load_label(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> np.nd
     return validate_label(label, source=str(path), num_classes=num_classes)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
     """Write ``path`` through a temporary file beside it: on success the file is flushed, synced
@@ -76,6 +80,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)   # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -239,6 +240,9 @@ def test_atomic_write_keeps_the_old_file_on_error_and_leaves_no_temporary(tmp_pa
             raise RuntimeError("disk full")
     assert path.read_text() == "old"
     assert sorted(p.name for p in path.parent.iterdir()) == ["file.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask     # not mkstemp's 0600
     with atomic_write(path, "wb") as f:
         f.write(b"new")
     assert path.read_bytes() == b"new"
