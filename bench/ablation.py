@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     names = [job.name for job in jobs]
     masks = args.out / "masks"   # the chosen masks and their mapping, so the scorer sees only them
     masks.mkdir(parents=True, exist_ok=True)
+    for stale in masks.glob("*.png"):   # from an earlier run with another --limit
+        stale.unlink()
     mapping = json.loads((args.input_path / "label_to_img.json").read_text())
     for job in jobs:
         (masks / job.mask_path.name).write_bytes(job.mask_path.read_bytes())
