@@ -42,6 +42,13 @@ def test_output_takes_the_reference_statistics():
     np.testing.assert_allclose(out_lab.std(axis=(0, 1)), ref_lab.std(axis=(0, 1)), atol=1.5)
 
 
+def test_equal_images_come_back_as_their_lab_round_trip():
+    """Transferring an image onto itself changes nothing but OpenCV's uint8 RGB -> Lab -> RGB."""
+    image = np.random.default_rng(3).integers(0, 256, (9, 11, 3)).astype(np.uint8)
+    round_trip = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2LAB), cv2.COLOR_LAB2RGB)
+    np.testing.assert_array_equal(color_transfer(image, image), round_trip)
+
+
 def test_constant_source_takes_the_reference_mean():
     source = np.full((4, 4, 3), 77, np.uint8)
     reference = np.random.default_rng(2).integers(0, 256, (4, 4, 3)).astype(np.uint8)

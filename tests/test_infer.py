@@ -158,7 +158,7 @@ def test_bad_inputs_are_reported_and_the_rest_produced(tmp_path, models, capsys)
     labels = root / "test" / "labels"
     mapping = json.loads((root / "test" / "labels" / "label_to_img.json").read_text())
     broken = np.zeros((HEIGHT, WIDTH), np.uint8)
-    broken[3, 4] = 31
+    broken[3, 4] = 29   # one past the last class
     Image.fromarray(broken, "L").save(labels / "broken.png")
     save_label(labels / "noref.png", np.zeros((HEIGHT, WIDTH), np.uint8))
     save_label(labels / "odd.png", np.zeros((12, 20), np.uint8))
@@ -175,7 +175,7 @@ def test_bad_inputs_are_reported_and_the_rest_produced(tmp_path, models, capsys)
     assert "2 images in" in captured.out and "4 failed" in captured.out
     err = captured.err
     assert "4 image(s) failed" in err
-    assert re.search(r"broken: .*broken.png: label values must be class indices 0..28; found value 31", err)
+    assert re.search(r"broken: .*broken.png: label values must be class indices 0..28; found value 29", err)
     assert re.search(r"noref: .*missing.jpg: reference photo not found \(for noref.png\)", err)
     assert re.search(r"odd: .*odd.png: size 12x20 \(height x width\) is not a multiple of 8", err)
     assert re.search(r"trunc: .*cut.jpg: cannot be read as an image", err)
