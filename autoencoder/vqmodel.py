@@ -23,7 +23,8 @@ from jittor import nn
 
 from autoencoder.modules import Decoder, Encoder
 from autoencoder.quantize import VectorQuantizer
-from ldm.checkpoint import WeightsError, load_weights, module_arrays, read_checkpoint, save_checkpoint
+from ldm.checkpoint import (WeightsError, config_from_dict, load_weights, module_arrays, read_checkpoint,
+                            save_checkpoint)
 
 KIND = "vqmodel"
 TRAINING_PREFIX = "train/"  # training state (discriminator, optimizers) stored beside the weights
@@ -72,11 +73,7 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "VQConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"VQConfig: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
+        return config_from_dict(cls, values)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -81,6 +81,18 @@ def module_arrays(module) -> dict[str, np.ndarray]:
     return {name: var.numpy() for name, var in module.state_dict().items()}
 
 
+def config_from_dict(cls, values: Mapping[str, Any]):
+    """``cls(**values)`` for a config dataclass read from a checkpoint or a file, refusing unknown
+    fields by name (a config from another version or another network) instead of a TypeError."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**dict(values))
+
+
 def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], kind: str,
                     config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
     """Write arrays + config atomically as safetensors (temporary file, then rename)."""

@@ -45,7 +45,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 
 from datasets import NUM_CLASSES, colorize, one_hot, save_image
-from .checkpoint import WeightsError, read_checkpoint, save_checkpoint
+from .checkpoint import WeightsError, config_from_dict, read_checkpoint, save_checkpoint
 from .ema import EMA
 from .guidance import drop_masks
 from .latents import LatentStore
@@ -114,11 +114,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        return config_from_dict(cls, values)
 
 
 # ------------------------------------------------------------------------------------ data

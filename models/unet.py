@@ -29,7 +29,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
-from ldm.checkpoint import load_weights
+from ldm.checkpoint import config_from_dict, load_weights
 from models.blocks import (
     SPADE_HIDDEN_CHANNELS,
     AttentionBlock,
@@ -135,11 +135,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "UNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
+        return config_from_dict(cls, data)
 
 
 # Presets. "iidm" is the IIDM landscape model (DESIGN §5, the official image_train.py defaults:
