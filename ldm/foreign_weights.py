@@ -10,7 +10,10 @@ Formats, recognised by content rather than by suffix:
   persistent id ``('storage', torch.FloatStorage, KEY, location, numel)``; it is rebuilt here with
   numpy from the storage's dtype, offset, size and stride (bounds checked). Storages are read only
   for the tensors that are returned. Half stays float16; BFloat16 becomes float32 (numpy has none).
-  The pre-1.6 non-zip format is refused with a message saying how to re-save it.
+* PyTorch's legacy (pre-1.6, non-zip) format, e.g. pytorch-fid's Inception weights: pickles of
+  the magic number, the protocol version, the system info, the object tree (storage ids with one
+  more field, a view, which must be None) and the storage key list, then each storage as an int64
+  element count and its raw elements, in the order of that list.
 * Lightning checkpoints: the same zip, with the weights under ``state_dict``.
 * Jittor ``.pkl`` (``jt.save``): a protocol-4 pickle of dicts of ``jittor_core.Var`` (each pickled
   as a numpy array), followed by its SHA-1 and ``b"HCAJSLHD"``; the checksum is verified.
@@ -351,9 +354,14 @@ class RestrictedUnpickler(pickle.Unpickler):
         if not self.torch_storages:
             raise WeightsError(f"{self.source}: the pickle refers to external data but is not inside a "
                                "PyTorch zip checkpoint")
-        if not isinstance(pid, tuple) or len(pid) != 5:
+        # zip format: (typename, type, key, location, numel); legacy (pre-1.6) format: the same and
+        # a view (None, or (view key, offset, size) of a storage shared by several views)
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6):
             raise WeightsError(f"{self.source}: malformed storage reference {pid!r}")
-        typename, storage_type, key, _location, numel = pid
+        if len(pid) == 6 and pid[5] is not None:
+            raise WeightsError(f"{self.source}: storage views of PyTorch's legacy format are not supported; "
+                               "re-save the file with torch.save(torch.load(path), new_path)")
+        typename, storage_type, key, _location, numel = pid[:5]
         typename = typename.decode("ascii") if isinstance(typename, bytes) else typename
         if typename != "storage" or not isinstance(storage_type, _StorageType):
             refused = _refused_name(storage_type)
@@ -392,21 +400,58 @@ class _ZipStorages:
             need = ref.numel * ref.dtype.itemsize
             if len(raw) < need:
                 raise WeightsError(f"{self.source}: storage {name} holds {len(raw)} bytes, needs {need}")
-            if ref.dtype.name == "bfloat16":
-                bits = np.frombuffer(raw, dtype=np.dtype("u2").newbyteorder(self.order), count=ref.numel)
-                values = (bits.astype(np.uint32) << 16).view(np.float32)
-            else:
-                dtype = np.dtype(ref.dtype.name).newbyteorder(self.order)
-                values = np.frombuffer(raw, dtype=dtype, count=ref.numel).astype(dtype.newbyteorder("="))
-            self._cache[ref.key] = values
+            self._cache[ref.key] = _decode_storage(raw, ref, self.order)
         return self._cache[ref.key]
 
     def tensor(self, ref: _TensorRef) -> np.ndarray:
-        values = self.storage(ref.storage)
-        item = values.itemsize
-        view = np.lib.stride_tricks.as_strided(values[ref.offset:], shape=ref.size,
-                                               strides=tuple(s * item for s in ref.stride))
-        return np.array(view, copy=True)
+        return _strided(self.storage(ref.storage), ref)
+
+
+class _LegacyStorages:
+    """Raw storages of PyTorch's legacy (pre-1.6) format, which follow the pickles in the file:
+    for each key of the storage-key list, an int64 element count and the elements."""
+
+    def __init__(self, stream: io.BytesIO, keys: list, refs: dict[str, _StorageRef], source: str, order: str):
+        self.source = source
+        self._arrays: dict[str, np.ndarray] = {}
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise WeightsError(f"{source}: malformed storage key list in a legacy PyTorch file")
+        for key in keys:
+            header = stream.read(8)
+            if len(header) != 8:
+                raise WeightsError(f"{source}: storage {key} is missing (file truncated?)")
+            (numel,) = struct.unpack(order + "q", header)
+            ref = refs.get(key)
+            if ref is None or numel != ref.numel:
+                raise WeightsError(f"{source}: storage {key} holds {numel} elements, the pickle named "
+                                   f"{None if ref is None else ref.numel}")
+            raw = stream.read(numel * ref.dtype.itemsize)
+            if len(raw) != numel * ref.dtype.itemsize:
+                raise WeightsError(f"{source}: storage {key} is truncated")
+            self._arrays[key] = _decode_storage(raw, ref, order)
+        missing = sorted(set(refs) - set(self._arrays))
+        if missing:
+            raise WeightsError(f"{source}: storages {', '.join(missing[:5])} are named but not stored")
+
+    def tensor(self, ref: _TensorRef) -> np.ndarray:
+        return _strided(self._arrays[ref.storage.key], ref)
+
+
+def _decode_storage(raw: bytes, ref: _StorageRef, order: str) -> np.ndarray:
+    if ref.dtype.name == "bfloat16":
+        bits = np.frombuffer(raw, dtype=np.dtype("u2").newbyteorder(order), count=ref.numel)
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    dtype = np.dtype(ref.dtype.name).newbyteorder(order)
+    return np.frombuffer(raw, dtype=dtype, count=ref.numel).astype(dtype.newbyteorder("="))
+
+
+def _strided(values: np.ndarray, ref: _TensorRef) -> np.ndarray:
+    end = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) + 1 if all(ref.size) else ref.offset
+    if end > len(values):
+        raise WeightsError(f"a tensor of size {ref.size} reaches past its storage of {len(values)} elements")
+    view = np.lib.stride_tricks.as_strided(values[ref.offset:], shape=ref.size,
+                                           strides=tuple(s * values.itemsize for s in ref.stride))
+    return np.array(view, copy=True)
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -448,10 +493,41 @@ def _read_pickle(path: Path, data: bytes, strict: bool):
             raise WeightsError(f"{path}: Jittor file checksum does not match (truncated or corrupted download?)")
         data, fmt = body, "jittor-pkl"
     obj, refused = _unpickle(data, str(path), strict)
-    if isinstance(obj, int) and obj == TORCH_LEGACY_MAGIC:
-        raise WeightsError(f"{path}: PyTorch's legacy (pre-1.6) format is not supported; re-save it with "
-                           "torch.save(torch.load(path), new_path) using PyTorch >= 1.6")
     return obj, refused, fmt
+
+
+def _legacy_magic(head: bytes) -> bool:
+    """Whether a pickle starts with PyTorch's legacy magic number (pickled as a LONG1)."""
+    magic = TORCH_LEGACY_MAGIC.to_bytes(10, "little")
+    return head[2:4] == b"\x8a\x0a" and head[4:14] == magic if len(head) >= 14 else False
+
+
+def _read_torch_legacy(path: Path, data: bytes, strict: bool):
+    """PyTorch's pre-1.6 format: pickles of the magic number, the protocol version (1001), the
+    system info and the object (storages as persistent ids), then the list of storage keys, then
+    the raw storages in that order."""
+    source = str(path)
+    stream = io.BytesIO(data)
+
+    def load(torch_storages=False):
+        unpickler = RestrictedUnpickler(stream, source, strict=strict, torch_storages=torch_storages)
+        try:
+            return unpickler.load(), unpickler
+        except (UnsafeFileError, WeightsError):
+            raise
+        except Exception as exc:
+            raise WeightsError(f"{source}: not a readable legacy PyTorch file ({type(exc).__name__}: {exc})") from None
+
+    magic, _ = load()
+    protocol, _ = load()
+    sys_info, _ = load()
+    if magic != TORCH_LEGACY_MAGIC or protocol != 1001 or not isinstance(sys_info, dict):
+        raise WeightsError(f"{source}: not a legacy PyTorch file (magic {magic!r}, protocol {protocol!r})")
+    order = "<" if sys_info.get("little_endian", True) else ">"
+    obj, unpickler = load(torch_storages=True)
+    keys, _ = load()
+    storages = _LegacyStorages(stream, keys, unpickler._storages, source, order)
+    return obj, unpickler.refused, storages
 
 
 # ------------------------------------------------------------------------------- the weights
@@ -481,7 +557,7 @@ def _flatten(obj, prefix: str, source: str, out: dict, plain: dict, seen: set[in
                            "expected an array or a dict of arrays")
 
 
-def _materialise(value, storages: _ZipStorages | None, name: str, source: str) -> np.ndarray:
+def _materialise(value, storages: "_ZipStorages | _LegacyStorages | None", name: str, source: str) -> np.ndarray:
     if isinstance(value, _ArrayProxy):
         if value.array is None:
             raise WeightsError(f"{source}: {name}: incomplete numpy array")
@@ -535,6 +611,9 @@ def read_weights(path: str | os.PathLike, strict: bool = False) -> tuple[dict[st
         info = ForeignInfo("torch-zip")
     elif _looks_like_safetensors(head):
         return _read_safetensors(path)
+    elif head[:1] == b"\x80" and _legacy_magic(head):
+        obj, refused, storages = _read_torch_legacy(path, path.read_bytes(), strict)
+        info = ForeignInfo("torch-legacy")
     elif head[:1] == b"\x80":
         data = path.read_bytes()
         obj, refused, fmt = _read_pickle(path, data, strict)

@@ -94,6 +94,32 @@ def write_torch_zip(path, obj, storages, top="archive"):
         archive.writestr(f"{top}/version", "3\n")
 
 
+class LegacyPickler(TorchLikePickler):
+    """Storage references as PyTorch's legacy (pre-1.6) format writes them: one more field, the view."""
+
+    def persistent_id(self, obj):
+        pid = super().persistent_id(obj)
+        return None if pid is None else pid + (None,)
+
+
+def write_torch_legacy(path, obj, storages, cut=0):
+    """torch.save's pre-1.6 layout: magic, protocol, system info, the object, the storage keys,
+    then each storage as an int64 count and its elements."""
+    from ldm.foreign_weights import TORCH_LEGACY_MAGIC
+
+    buffer = io.BytesIO()
+    for value in (TORCH_LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
+                                              "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(value, buffer, protocol=2)
+    LegacyPickler(buffer, protocol=2).dump(obj)
+    pickle.dump([storage.key for storage in storages], buffer, protocol=2)
+    for storage in storages:
+        buffer.write(np.int64(storage.values.size).tobytes())
+        buffer.write(storage.values.tobytes())
+    data = buffer.getvalue()
+    path.write_bytes(data[: len(data) - cut])
+
+
 # ------------------------------------------------------------------ taming's names, from its layout
 def taming_vq_shapes(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, embed_dim,
                      n_embed, in_channels=3, out_ch=3):
@@ -220,6 +246,26 @@ def test_torch_zip_tensors_rebuilt_from_storage_offset_size_stride(tmp_path):
     np.testing.assert_array_equal(arrays["flags"], [True, False, True])
     np.testing.assert_array_equal(arrays["param"], base[:2, :3])
     np.testing.assert_array_equal(arrays["nested.inner"], base.reshape(-1)[12:16].reshape(2, 2, order="F"))
+
+
+def test_legacy_torch_format_as_pytorch_fid_ships_its_inception(tmp_path):
+    """pt_inception-2015-12-05-6726825d.pth predates PyTorch 1.6: a plain state dict in the legacy
+    layout. Its arrays come back exactly; a truncated file is refused by name."""
+    rng = np.random.default_rng(4)
+    weights = {"Conv2d_1a_3x3.conv.weight": rng.standard_normal((32, 3, 3, 3)).astype(np.float32),
+               "Conv2d_1a_3x3.bn.running_var": rng.random(32).astype(np.float32),
+               "Conv2d_1a_3x3.bn.num_batches_tracked": np.array(7, np.int64),
+               "fc.weight": rng.standard_normal((4, 6)).astype(np.float32).T}   # a transposed view
+    tensors, storages = tensors_of(weights)
+    write_torch_legacy(tmp_path / "inception.pth", collections.OrderedDict(tensors), storages)
+    arrays, info = read_weights(tmp_path / "inception.pth")
+    assert info.format == "torch-legacy"
+    assert set(arrays) == set(weights)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(arrays[name], value)
+    write_torch_legacy(tmp_path / "cut.pth", collections.OrderedDict(tensors), storages, cut=10)
+    with pytest.raises(WeightsError, match="cut.pth: storage 3 is truncated"):
+        read_weights(tmp_path / "cut.pth")
 
 
 def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
@@ -358,7 +404,7 @@ def test_object_arrays_and_unknown_formats_are_refused(tmp_path):
     with pytest.raises(WeightsError, match="text.pt: unknown format"):
         read_weights(tmp_path / "text.pt")
     (tmp_path / "legacy.pt").write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + b"rest")
-    with pytest.raises(WeightsError, match="legacy.pt: PyTorch's legacy"):
+    with pytest.raises(WeightsError, match="legacy.pt: not a readable legacy PyTorch file"):
         read_weights(tmp_path / "legacy.pt")
 
 
