@@ -446,9 +446,7 @@ def _decode_storage(raw: bytes, ref: _StorageRef, order: str) -> np.ndarray:
 
 
 def _strided(values: np.ndarray, ref: _TensorRef) -> np.ndarray:
-    end = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) + 1 if all(ref.size) else ref.offset
-    if end > len(values):
-        raise WeightsError(f"a tensor of size {ref.size} reaches past its storage of {len(values)} elements")
+    """The tensor's strided view of its storage, copied (bounds were checked in _rebuild_tensor)."""
     view = np.lib.stride_tricks.as_strided(values[ref.offset:], shape=ref.size,
                                            strides=tuple(s * values.itemsize for s in ref.stride))
     return np.array(view, copy=True)
@@ -461,16 +459,21 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return 0 < length < 100_000_000 and head[8:9] == b"{"
 
 
-def _unpickle(data: bytes, source: str, strict: bool, torch_storages: bool = False):
-    unpickler = RestrictedUnpickler(io.BytesIO(data), source, strict=strict, torch_storages=torch_storages)
+def _load_one(stream, source: str, strict: bool, torch_storages: bool = False, what: str = "weight file"):
+    """One restricted pickle from ``stream``: (object, its unpickler)."""
+    unpickler = RestrictedUnpickler(stream, source, strict=strict, torch_storages=torch_storages)
     try:
-        obj = unpickler.load()
+        return unpickler.load(), unpickler
     except UnsafeFileError:
         raise
     except WeightsError as exc:
         raise WeightsError(str(exc) if str(exc).startswith(source) else f"{source}: {exc}") from None
     except Exception as exc:  # a malformed or hostile pickle: any failure means "not loadable"
-        raise WeightsError(f"{source}: not a readable weight file ({type(exc).__name__}: {exc})") from None
+        raise WeightsError(f"{source}: not a readable {what} ({type(exc).__name__}: {exc})") from None
+
+
+def _unpickle(data: bytes, source: str, strict: bool, torch_storages: bool = False):
+    obj, unpickler = _load_one(io.BytesIO(data), source, strict, torch_storages)
     return obj, unpickler.refused
 
 
@@ -510,13 +513,7 @@ def _read_torch_legacy(path: Path, data: bytes, strict: bool):
     stream = io.BytesIO(data)
 
     def load(torch_storages=False):
-        unpickler = RestrictedUnpickler(stream, source, strict=strict, torch_storages=torch_storages)
-        try:
-            return unpickler.load(), unpickler
-        except (UnsafeFileError, WeightsError):
-            raise
-        except Exception as exc:
-            raise WeightsError(f"{source}: not a readable legacy PyTorch file ({type(exc).__name__}: {exc})") from None
+        return _load_one(stream, source, strict, torch_storages, what="legacy PyTorch file")
 
     magic, _ = load()
     protocol, _ = load()
