@@ -97,7 +97,6 @@ class StagedPass:
         grads = jt.grad((output * grad_out.cast(output.dtype)).sum(), wrt)
         jt.sync(grads)
         grads = [g.detach() for g in grads]   # cut from the block's graph, which is then released
-        jt.sync(grads)
         it = iter(grads[:len(wrt) - len(params)])
         return [next(it) if need else None for need in needs_grad], grads[len(wrt) - len(params):]
 
