@@ -133,6 +133,39 @@ def test_group_norm_act_matches_float64(jt, threaded, variant, shape, groups, of
         assert_close_scaled(got.numpy(), want, 2e-5, f"d/d{name}")
 
 
+@pytest.mark.parametrize("variant", ["affine", "spade_film_silu"])
+@pytest.mark.parametrize("shape", [(2, 4, 33, 37), (1, 8, 96, 129)], ids=["2442", "49536"])
+def test_group_norm_act_many_blocks_mean100(jt, threaded, variant, shape):
+    """Groups of 2442 elements (nine blocks of the kernel's float32 partial sums and a ragged
+    tail) and of 49536 (the iidm U-Net's largest have 98304), at mean 100 and standard deviation
+    1.5, forward against float64. Summing a whole group in float32 fails the second."""
+    rng = np.random.default_rng(8)
+    named, silu = group_norm_case(rng, shape, variant, 100.0)
+    inputs = {k: jt.array(v) for k, v in named.items()}
+    y = threaded.group_norm_act(inputs["x"], 2, inputs.get("weight"), inputs.get("bias"),
+                                gamma=inputs.get("gamma"), beta=inputs.get("beta"),
+                                scale=inputs.get("scale"), shift=inputs.get("shift"), silu=silu)
+    arrays64 = {k: v.astype(np.float64) for k, v in named.items()}
+    x64 = arrays64.pop("x")
+    expected = np_group_norm_act(x64, 2, silu=silu, **arrays64)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=0, atol=2e-5)
+    if variant == "affine":  # the backward's block sums, against the closed-form gradient
+        probe = rng.standard_normal(shape)
+        grads = jt.grad((y * jt.array(probe.astype(np.float32))).sum(),
+                        [inputs["x"], inputs["weight"], inputs["bias"]])
+        n, c = shape[:2]
+        groups = x64.reshape(n, 2, -1)
+        xh = ((groups - groups.mean(2, keepdims=True))
+              / np.sqrt(groups.var(2, keepdims=True) + 1e-5)).reshape(shape)
+        gxh = (probe * arrays64["weight"].reshape(1, c, 1, 1)).reshape(n, 2, -1)
+        xh_g = xh.reshape(n, 2, -1)
+        rstd = 1 / np.sqrt(groups.var(2, keepdims=True) + 1e-5)
+        dx = rstd * (gxh - gxh.mean(2, keepdims=True) - xh_g * (gxh * xh_g).mean(2, keepdims=True))
+        expected_grads = [dx.reshape(shape), (probe * xh).sum((0, 2, 3)), probe.sum((0, 2, 3))]
+        for name, got, want in zip(("x", "weight", "bias"), grads, expected_grads):
+            assert_close_scaled(got.numpy(), want, 2e-5, f"d/d{name}")
+
+
 def test_group_norm_act_rejects_bad_shapes(jt):
     from models import kernels
 
@@ -185,6 +218,77 @@ def test_attention_matches_float64(jt, threaded, batch, heads, key_offset):
     grad = jt.grad((out * jt.array(probe.astype(np.float32))).sum(), qkv_v).numpy()
     expected = numeric_gradients(reference, [qkv.astype(np.float64)], probe)[0]
     assert_close_scaled(grad, expected, 5e-5, "d attention / d qkv")
+
+
+# ------------------------------------------------------------------ the header's exp and plumbing
+
+
+def test_fast_exp_matches_float64(jt):
+    """``iidm::fast_exp`` (every kernel's exp) against float64 exp over float32's whole normal
+    range, and its documented saturation outside it."""
+    from models import kernels
+
+    inside = np.concatenate([np.linspace(-87.3, 88.3, 100003), np.linspace(-1, 1, 1001),
+                             [0.0, 1e-30, -1e-30, np.log(2.0), -np.log(2.0)]]).astype(np.float32)
+    outside = np.array([-1000.0, -88.0, 88.8, 1000.0], dtype=np.float32)
+    src = "for (long i = 0; i < in0->num; i++) out0_p[i] = iidm::fast_exp(in0_p[i]);"
+    got = jt.code((inside.size + outside.size,), "float32", [jt.array(np.concatenate([inside, outside]))],
+                  cpu_header=kernels._header(), cpu_src=src).numpy()
+    expected = np.exp(inside.astype(np.float64))
+    np.testing.assert_allclose(got[:inside.size], expected, rtol=1.5e-7, atol=0)
+    low, high = got[inside.size:][[0, 1]], got[inside.size:][[2, 3]]
+    assert np.all((low >= 0) & (low < 1.3e-38)) and np.all((high > 2e38) & np.isfinite(high))
+
+
+def test_serial_path_equals_threaded_path(jt, monkeypatch):
+    """Below PARALLEL_MIN_ELEMENTS the kernels run on one thread (a separate code path: GCC
+    compiles an OpenMP loop with a false ``if`` clause differently); the results agree."""
+    from models import kernels
+
+    rng = np.random.default_rng(6)
+    x = jt.array(rng.standard_normal((2, 8, 5, 7)).astype(np.float32))
+    weight, bias = jt.array(rng.standard_normal(8).astype(np.float32)), jt.array(np.ones(8, np.float32))
+    results = []
+    for threshold in (0, 10 ** 9):
+        monkeypatch.setattr(kernels, "PARALLEL_MIN_ELEMENTS", threshold)
+        y = kernels.group_norm_act(x, 4, weight, bias, silu=True)
+        s = kernels.silu(x)
+        results.append([v.numpy() for v in [y, s] + jt.grad((y * s).sum(), [x, weight])])
+    for threaded, serial in zip(*results):
+        np.testing.assert_allclose(serial, threaded, rtol=1e-6, atol=1e-6)
+
+
+def test_no_grad_path_equals_function_path(jt):
+    """Under ``jt.no_grad`` the ops skip the ``jt.Function`` (nothing to record); same values."""
+    from models import kernels
+
+    rng = np.random.default_rng(7)
+    x = jt.array(rng.standard_normal((2, 6, 4, 3)).astype(np.float32))
+    gamma, beta = (jt.array(rng.standard_normal((2, 6, 4, 3)).astype(np.float32)) for _ in range(2))
+    scale, shift = (jt.array(rng.standard_normal((2, 6, 1, 1)).astype(np.float32)) for _ in range(2))
+
+    def run():
+        y = kernels.group_norm_act(x, 3, gamma=gamma, beta=beta, scale=scale, shift=shift, silu=True)
+        return y.numpy(), kernels.silu(x).numpy()
+
+    with_grad = run()
+    with jt.no_grad():
+        without = run()
+    for a, b in zip(with_grad, without):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_header_text_names_the_kernels_file_and_its_content():
+    """Jittor names compiled kernels by their source text; the header line carries the file's
+    content hash so that an edited cpu_kernels.h is compiled anew."""
+    import hashlib
+
+    from models import kernels
+
+    text = kernels._header()
+    assert str(kernels.KERNELS_HEADER.resolve()) in text
+    assert hashlib.sha1(kernels.KERNELS_HEADER.read_bytes()).hexdigest()[:16] in text
+    assert "IIDM_WITH_SGEMM" in kernels._header(with_sgemm=True) and "IIDM_WITH_SGEMM" not in text
 
 
 # ------------------------------------------------------------------ selection and the U-Net
