@@ -22,8 +22,9 @@ extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_
 
 namespace iidm {
 
-// exp for float32 as inline arithmetic that GCC vectorises (AVX-512 here): SiLU at 4x64x24x32
-// on 2 threads took 54 us with std::exp (glibc's vector expf) and 35 us with this. Cody-Waite
+// exp for float32 as inline arithmetic that GCC vectorises (AVX-512 here): the SiLU kernel at
+// 4x64x24x32 on 2 threads, compiled alone, takes 53-58 us with std::exp (glibc's vector expf)
+// and 33-42 us with this (medians of three runs). Cody-Waite
 // reduction v = n ln2 + r, |r| <= ln2 / 2 (with explicit fma: -Ofast would otherwise fold the two
 // ln2 parts into one constant), Cephes' degree-7 polynomial for exp(r), 2^n from the exponent
 // bits. Relative error at most 7.4e-8 on [-87.3, 88.3] (numpy's float32 exp: 2.0e-7). The input
