@@ -49,6 +49,24 @@ static inline float fast_exp(float v) {
     return p * scale;
 }
 
+// Sum of term(i) for i in [0, n): float32 within blocks of 256 (16 adds per vector lane), float64
+// across blocks. A block's rounding is a few float32 ulps of a partial sum, far below the group
+// norm output's own rounding (tested at mean 100 against float64), and the kernels run 20% faster
+// than with every element converted to float64 (they are compute bound). Pass term as a lambda
+// capturing by value: with [&] GCC 12 left the loop scalar (6x slower).
+template <class Term>
+static inline double block_sum(long n, Term term) {
+    double total = 0.0;
+    for (long start = 0; start < n; start += 256) {
+        const long end = start + 256 < n ? start + 256 : n;
+        float block = 0.0f;
+        #pragma omp simd reduction(+:block)
+        for (long i = start; i < end; i++) block += term(i);
+        total += block;
+    }
+    return total;
+}
+
 // ------------------------------------------------------------------------------ group norm
 // x, y, gamma, beta, dx, dgamma, dbeta: [N, C, S]; weight, bias: [C]; scale, shift, dweight,
 // dbias, dscale, dshift: [N, C]; stats: [N, G, 2], each group's mean and 1 / std. Absent operands are null (their flag is
@@ -71,30 +89,11 @@ static void group_norm_forward(const float* __restrict__ x, const float* __restr
     for (int task = 0; task < N * G; task++) {
         const int n = task / G, g = task % G;
         const long base = ((long)n * C + (long)g * Cg) * S;
-        // Sums in float32 within blocks of 256 elements (16 adds per vector lane), in float64
-        // across blocks: a block's rounding is a few float32 ulps of a partial sum, far below the
-        // output's own rounding (tested at mean 100 against float64), and the kernel runs 20%
-        // faster than with every element converted to float64 (it is compute bound).
-        double sum = 0.0;
-        for (long start = 0; start < L; start += 256) {
-            const long end = start + 256 < L ? start + 256 : L;
-            float block = 0.0f;
-            #pragma omp simd reduction(+:block)
-            for (long i = start; i < end; i++) block += x[base + i];
-            sum += block;
-        }
-        const float mu = (float)(sum / (double)L);
-        double squares = 0.0;
-        for (long start = 0; start < L; start += 256) {
-            const long end = start + 256 < L ? start + 256 : L;
-            float block = 0.0f;
-            #pragma omp simd reduction(+:block)
-            for (long i = start; i < end; i++) {
-                const float d = x[base + i] - mu;
-                block += d * d;
-            }
-            squares += block;
-        }
+        const float mu = (float)(block_sum(L, [=](long i) { return x[base + i]; }) / (double)L);
+        const double squares = block_sum(L, [=](long i) {
+            const float d = x[base + i] - mu;
+            return d * d;
+        });
         const float rs = (float)(1.0 / std::sqrt(squares / (double)L + (double)eps));
         stats[2 * task] = mu;
         stats[2 * task + 1] = rs;
@@ -153,7 +152,7 @@ static void group_norm_backward(const float* __restrict__ x, const float* __rest
             const float sc = CHANNEL ? 1.0f + scale[nc] : 1.0f;
             const float sh = CHANNEL ? shift[nc] : 0.0f;
             double acc_w = 0.0, acc_b = 0.0, acc_sc = 0.0, acc_sh = 0.0;
-            for (long start = 0; start < S; start += 256) {  // float32 sums per block, as forward
+            for (long start = 0; start < S; start += 256) {  // float32 sums per block, as block_sum
                 const long end = start + 256 < S ? start + 256 : S;
                 float block_w = 0.0f, block_b = 0.0f, block_sc = 0.0f, block_sh = 0.0f;
                 float block_g = 0.0f, block_gx = 0.0f;
