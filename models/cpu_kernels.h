@@ -69,9 +69,9 @@ static inline double block_sum(long n, Term term) {
 
 // ------------------------------------------------------------------------------ group norm
 // x, y, gamma, beta, dx, dgamma, dbeta: [N, C, S]; weight, bias: [C]; scale, shift, dweight,
-// dbias, dscale, dshift: [N, C]; stats: [N, G, 2], each group's mean and 1 / std. Absent operands are null (their flag is
-// false and their branch compiled out). One task per (sample, group); the threads take tasks
-// when the tensor has at least parallel_min elements.
+// dbias, dscale, dshift: [N, C]; stats: [N, G, 2], each group's mean and 1 / std. Absent
+// operands are null (their flag is false and their branch compiled out). One task per (sample,
+// group); the threads take tasks when the tensor has at least parallel_min elements.
 //
 // z = (x - mean) * rstd * weight_c + bias_c;  z = z * (1 + gamma) + beta;
 // z = z * (1 + scale_nc) + shift_nc;  y = z * sigmoid(z).
