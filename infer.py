@@ -31,9 +31,9 @@ import jittor_env
 from datasets import NUM_CLASSES, DataError, load_image, load_label, one_hot, save_image
 from datasets.landscape import MAPPING_FILE, _read_mapping, find_image_folder
 from datasets.transforms import resize_image, resize_label
-from ldm.checkpoint import WEIGHT_SETS, WeightsError
+from weights.checkpoint import CHECKPOINT_VERSION, WEIGHT_SETS, Checkpoint, WeightsError
 from ldm.schedule import ScheduleConfig
-from tools.average_checkpoints import average_checkpoints
+from weights.average import average_checkpoints
 
 log = logging.getLogger("iidm.infer")
 
@@ -179,25 +179,6 @@ def load_item(job: Job, size: tuple[int, int] | None, multiple: int) -> Item:
 
 
 # ------------------------------------------------------------------------------- models (Jittor)
-def split_config(config: dict) -> tuple[dict, ScheduleConfig, float]:
-    """The U-Net fields, the schedule and the latent scale of a U-Net checkpoint's config: either
-    the U-Net's own fields (a converted SDM/IIDM checkpoint: linear schedule over 1000 steps,
-    latent scale 1) or {"unet": {...}, "schedule": {...}, "latent_scale": s} as training exports it."""
-    if isinstance(config.get("unet"), dict):
-        unet_fields = config["unet"]
-    else:
-        unet_fields = {k: v for k, v in config.items() if k not in ("schedule", "latent_scale")}
-    schedule_fields = config.get("schedule") or {}
-    try:
-        schedule = ScheduleConfig(**schedule_fields)
-    except TypeError as exc:
-        raise WeightsError(f"checkpoint config has a bad schedule {schedule_fields}: {exc}") from None
-    scale = config.get("latent_scale", 1.0)
-    if not isinstance(scale, (int, float)) or not np.isfinite(scale) or scale <= 0:
-        raise WeightsError(f"checkpoint config has a bad latent_scale {scale!r} (expected a number > 0)")
-    return dict(unet_fields), schedule, float(scale)
-
-
 class Models:
     """The U-Net (averaged weights), the autoencoder and the schedule, loaded once."""
 
@@ -206,18 +187,21 @@ class Models:
 
         from autoencoder.vqmodel import load_vqmodel
         from ldm.schedule import make_schedule
-        from models import UNetConfig, UNetModel, load_unet_state_dict
+        from models import load_unet
 
         self.jt = jt
         arrays, info = average_checkpoints(checkpoints, which=which)
+        source = ", ".join(str(p) for p in checkpoints)
         if info["kind"] != "unet":
             raise WeightsError(f"{checkpoints[0]}: a {info['kind']!r} checkpoint, expected a U-Net ('unet')")
-        unet_fields, schedule_config, self.latent_scale = split_config(info["config"])
-        config = UNetConfig.from_dict(unet_fields)
-        self.unet = UNetModel(config)
-        load_unet_state_dict(self.unet, arrays, ", ".join(str(p) for p in checkpoints))
-        self.unet.eval()
-        self.schedule = make_schedule(schedule_config)
+        averaged = Checkpoint(source, "unet", False, CHECKPOINT_VERSION, info["config"], info["extra"], arrays)
+        diffusion = averaged.diffusion
+        if diffusion["space"] != "latent":
+            raise WeightsError(f"{source}: a pixel-space U-Net; this pipeline generates in the autoencoder's latent space")
+        self.latent_scale = diffusion["latent_scale"]
+        self.unet, _ = load_unet(averaged)
+        config = self.unet.config
+        self.schedule = make_schedule(ScheduleConfig(**diffusion["schedule"]))
         self.vq = load_vqmodel(vq_path)
         if config.num_classes != NUM_CLASSES:
             raise WeightsError(f"{checkpoints[0]}: the U-Net takes {config.num_classes} mask channels, "
@@ -269,8 +253,8 @@ def generate(jobs: Sequence[Job], models: Models, rounds, *, batch_size: int, se
     from tqdm import tqdm
 
     from ldm import pipeline
-    from tools.color_transfer import color_transfer
-    from tools.gallery import round_path
+    from synthesis.color_transfer import color_transfer
+    from synthesis.gallery import round_path
 
     report = Report()
     start = time.perf_counter()
@@ -428,7 +412,7 @@ def main(argv=None) -> int:
     print(f"{where}infer.py: {report.done} images in {report.seconds:.1f} s ({per_image:.2f} s per image), "
           f"{passes} U-Net passes per image; {report.skipped} already present, {len(report.failures)} failed")
     if (demo or args.gallery) and not quick and rank == 0:
-        from tools.gallery import PAGE, gallery_rows, write_gallery
+        from synthesis.gallery import PAGE, gallery_rows, write_gallery
 
         # Under mpirun this shows what is finished when rank 0 is; tools/gallery.py redoes it later.
         rows = gallery_rows(output_dir, mask_dir, img_root, mapping)

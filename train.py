@@ -8,7 +8,7 @@ photos of TRAIN_ROOT/imgs; RUN_DIR receives log.jsonl, samples/ and checkpoints/
 (see autoencoder/training.py). Without --lpips_vgg/--lpips_heads it trains without the perceptual
 term and says so.
 
-The ldm stage trains the U-Net on a latent store written by tools/cache_latents.py; RUN_DIR receives
+The ldm stage trains the U-Net on a latent store written by `python -m tools.cache_latents`; RUN_DIR receives
 log.jsonl, samples/ and checkpoints/ (see ldm/training.py and docs/training.md). Under
 ``mpirun -np N`` the batch is split across the N ranks and only rank 0 writes.
 """
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ldm", "also uses --out, --preset (U-Net: iidm (default), demo or tiny), --batch_size (global, default 5), "
                "--lr (default 1e-4), --max_steps, --save_every, --sample_every (default 5000), --seed, --resume; "
                "see docs/training.md")
-    ldm.add_argument("--latents", help="latent store written by tools/cache_latents.py")
+    ldm.add_argument("--latents", help="latent store written by `python -m tools.cache_latents`")
     ldm.add_argument("--mask_dropout", type=float, help="probability of training a sample with the null mask "
                                                         "(default 0.2; SDM: 0, then fine-tune at 0.2 with lr 2e-5)")
     ldm.add_argument("--ema_decay", type=float, help="default 0.9999")
@@ -85,7 +85,7 @@ def train_autoencoder_stage(parser: argparse.ArgumentParser, args: argparse.Name
     from autoencoder.training import TrainConfig, stored_configs, train_autoencoder
     from autoencoder.vqmodel import vq_config
     from datasets import DataError
-    from ldm.checkpoint import WeightsError
+    from weights.checkpoint import WeightsError
 
     try:
         if args.resume:
@@ -150,7 +150,7 @@ def train_ldm_stage(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     from dataclasses import replace
 
-    from ldm.checkpoint import WeightsError
+    from weights.checkpoint import WeightsError
     from ldm.latents import LatentStore, StoreError
     from ldm.training import TrainConfig, TrainingStopped, stored_config, train
     from models import UNetConfig, UNetModel, unet_preset

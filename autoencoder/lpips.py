@@ -28,8 +28,8 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
-from ldm.checkpoint import WeightsError, load_weights
-from ldm.foreign_weights import read_weights
+from weights.checkpoint import WeightsError, load_weights
+from weights.foreign import read_weights
 
 log = logging.getLogger("iidm.autoencoder")
 

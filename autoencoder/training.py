@@ -51,7 +51,7 @@ from autoencoder.losses import LossConfig, VQLPIPSWithDiscriminator
 from autoencoder.lpips import load_lpips
 from autoencoder.vqmodel import KIND, TRAINING_PREFIX, VQConfig, VQModel, vq_config
 from datasets import TrainingSet, save_image
-from ldm.checkpoint import WeightsError, load_weights, module_arrays, read_checkpoint, save_checkpoint
+from weights.checkpoint import WeightsError, load_weights, module_arrays, read_checkpoint, save_checkpoint
 
 log = logging.getLogger("iidm.autoencoder")
 
@@ -180,7 +180,8 @@ def _save(path: Path, state: _State, step: int, model_config: VQConfig, loss_con
     training = {"step": step, "seed": train_config.seed, "opt_ae_steps": state.opt_ae.n_step,
                 "opt_disc_steps": state.opt_disc.n_step, "loss": dataclasses.asdict(loss_config),
                 "train": dataclasses.asdict(train_config)}
-    save_checkpoint(path, arrays, kind=KIND, config=model_config.to_dict(), extra={"step": step, "training": training})
+    save_checkpoint(path, arrays, kind=KIND, config={"network": model_config.to_dict()},
+                    extra={"step": step, "training": training})
 
 
 def _restore(path: Path, state: _State, model_config: VQConfig) -> int:
@@ -188,8 +189,8 @@ def _restore(path: Path, state: _State, model_config: VQConfig) -> int:
     training = info["extra"].get("training")
     if info["kind"] != KIND or training is None:
         raise WeightsError(f"{path}: not an autoencoder training checkpoint")
-    if info["config"] != model_config.to_dict():
-        raise WeightsError(f"{path}: the checkpoint's model config {info['config']} differs from the requested "
+    if info["config"]["network"] != model_config.to_dict():
+        raise WeightsError(f"{path}: the checkpoint's model config {info['config']['network']} differs from the requested "
                            f"{model_config.to_dict()}; resume with the same --preset")
     load_weights(state.model, {k: v for k, v in arrays.items() if not k.startswith(TRAINING_PREFIX)}, str(path))
     load_weights(state.loss.discriminator,
@@ -213,7 +214,7 @@ def stored_configs(out_dir: str | os.PathLike) -> tuple[VQConfig, LossConfig, Tr
     training = info["extra"].get("training")
     if info["kind"] != KIND or training is None:
         raise WeightsError(f"{path}: not an autoencoder training checkpoint")
-    return (VQConfig.from_dict(info["config"]), LossConfig(**training["loss"]), TrainConfig(**training["train"]))
+    return (VQConfig.from_dict(info["config"]["network"]), LossConfig(**training["loss"]), TrainConfig(**training["train"]))
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -286,7 +287,7 @@ def train_autoencoder(data: str | os.PathLike | Sequence, out_dir: str | os.Path
         log.info("resumed %s at step %d", checkpoint, step)
     elif init is not None:
         arrays, info = read_checkpoint(init)
-        if info["kind"] != KIND or VQConfig.from_dict(info["config"]) != model_config:
+        if info["kind"] != KIND or VQConfig.from_dict(info["config"]["network"]) != model_config:
             raise WeightsError(f"{init}: not a vqmodel checkpoint with the model config being trained")
         load_weights(model, {k: v for k, v in arrays.items() if not k.startswith(TRAINING_PREFIX)}, str(init))
 

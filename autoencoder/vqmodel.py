@@ -23,11 +23,10 @@ from jittor import nn
 
 from autoencoder.modules import Decoder, Encoder
 from autoencoder.quantize import VectorQuantizer
-from ldm.checkpoint import (WeightsError, config_from_dict, load_weights, module_arrays, read_checkpoint,
-                            save_checkpoint)
+from weights.checkpoint import config_from_dict, load_checkpoint, load_weights, module_vars, save_checkpoint
 
 KIND = "vqmodel"
-TRAINING_PREFIX = "train/"  # training state (discriminator, optimizers) stored beside the weights
+TRAINING_PREFIX = "train/"  # version-1 training files kept their state beside the weights under this prefix
 
 
 @dataclass(frozen=True)
@@ -142,17 +141,16 @@ class VQModel(nn.Module):
 
 def save_vqmodel(model: VQModel, path: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> None:
     """Write the weights and config as this project's checkpoint (kind "vqmodel")."""
-    save_checkpoint(path, module_arrays(model), kind=KIND, config=model.config.to_dict(), extra=extra)
+    save_checkpoint(path, module_vars(model), kind=KIND, config={"network": model.config.to_dict()}, extra=extra)
 
 
-def load_vqmodel(path: str | os.PathLike) -> VQModel:
+def load_vqmodel(path: str | os.PathLike, which: str = "model") -> VQModel:
     """Build the model from the config stored in a "vqmodel" checkpoint and load its weights
-    (strict: every name and shape checked). Training state in the same file is left out.
-    The model is returned in evaluation mode (parameters frozen); call ``.train()`` to train it."""
-    arrays, info = read_checkpoint(path)
-    if info["kind"] != KIND:
-        raise WeightsError(f"{path}: a {info['kind']!r} checkpoint, expected {KIND!r}")
-    model = VQModel(VQConfig.from_dict(info["config"]))
-    weights = {k: v for k, v in arrays.items() if not k.startswith(TRAINING_PREFIX)}
+    (strict: every name and shape checked). From a training checkpoint, ``which`` set of weights
+    ("model", or "ema" when the run kept one); training state is left out. The model is returned
+    in evaluation mode (parameters frozen); call ``.train()`` to train it."""
+    checkpoint = load_checkpoint(path, KIND)
+    model = VQModel(checkpoint.network_config(VQConfig))
+    weights = {k: v for k, v in checkpoint.weights(which).items() if not k.startswith(TRAINING_PREFIX)}
     load_weights(model, weights, source=str(path))
     return model.eval()

@@ -1,6 +1,6 @@
 """The IIDM paper's Table 2 ablation on any model and test set, scored with tools/score.py.
 
-    python bench/ablation.py --ckpt unet.safetensors --vq vq.safetensors \
+    python -m bench.ablation --ckpt unet.safetensors --vq vq.safetensors \
         --input_path data/synthetic/test/labels --img_path data/synthetic/train --out outputs/ablation \
         [--average a.safetensors --average b.safetensors] [--segmenter seg.safetensors] \
         [--ground_truth data/synthetic/test/imgs] [--steps 20] [--limit 16] [--with-iidm]
@@ -34,9 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jittor_env  # noqa: E402
+import jittor_env
 
 
 def row_rounds(schedule, steps: int) -> dict:
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
     import infer
     from ldm import pipeline
     from tools.score import score_results
-    from tools.segmenter import load_segmenter
+    from scoring.segmenter import load_segmenter
 
     models = infer.Models([args.ckpt], args.vq)
     rows = row_rounds(models.schedule, args.steps)

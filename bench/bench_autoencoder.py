@@ -1,6 +1,6 @@
 """Benchmark (not a test): VQ-f4 encode + decode throughput at 512x384 (height 384, width 512).
 
-    python bench/bench_autoencoder.py [--preset vq-f4] [--height 384 --width 512] [--batch_size 1]
+    python -m bench.bench_autoencoder [--preset vq-f4] [--height 384 --width 512] [--batch_size 1]
                                       [--iterations 3] [--warmup 1] [--device all|cpu|cuda]
 
 One iteration = encode, then decode (which quantizes first), synchronised, without gradients.
@@ -13,18 +13,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
+import argparse
+import os
+import platform
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import jittor_env  # noqa: E402
+import jittor_env
 
 
 def run(jt, model, image: np.ndarray, iterations: int, warmup: int) -> tuple[float, list[float]]:

@@ -1,8 +1,8 @@
 """Peak memory and time of one U-Net training step, plain and with gradient checkpointing.
 
-    python bench/bench_grad_checkpoint.py                                  # demo, 96x128, batch 4
-    python bench/bench_grad_checkpoint.py --preset iidm --height 24 --width 32 --batch 1
-    python bench/bench_grad_checkpoint.py --preset iidm --batch 4 --cuda   # on a GPU machine
+    python -m bench.bench_grad_checkpoint                                  # demo, 96x128, batch 4
+    python -m bench.bench_grad_checkpoint --preset iidm --height 24 --width 32 --batch 1
+    python -m bench.bench_grad_checkpoint --preset iidm --batch 4 --cuda   # on a GPU machine
 
 Each mode runs in a fresh process (so one cannot profit from the other's allocations): a few
 steps of the hybrid loss and the gradients of every parameter, as the training loop computes them

@@ -1,8 +1,8 @@
 """CPU kernels against Jittor's plain ops and PyTorch: per-op times and full U-Net steps.
 
-    python bench/bench_ops.py                                        # Jittor: kernels vs reference
-    python bench/bench_ops.py --torch-python /tmp/torchenv/bin/python --sdm-path /tmp/sdm
-    python bench/bench_ops.py --ops-only --repeats 30 --json ops.json
+    python -m bench.bench_ops                                        # Jittor: kernels vs reference
+    python -m bench.bench_ops --torch-python /tmp/torchenv/bin/python --sdm-path /tmp/sdm
+    python -m bench.bench_ops --ops-only --repeats 30 --json ops.json
 
 Ops (group norm with 32 groups and its fused forms, SiLU, legacy attention, and, for context,
 a 3x3 convolution and a 1024^3 matmul, which are oneDNN in both frameworks) are timed forward

@@ -1,7 +1,7 @@
 """Sampler cost: network passes per image for the official IIDM recipe and for DPM-Solver++(2M),
 and the wall time per step of each sampler around a tiny stand-in network.
 
-    python bench/bench_samplers.py [--batch 2] [--height 96] [--width 128] [--steps 20] [--cpu]
+    python -m bench.bench_samplers [--batch 2] [--height 96] [--width 128] [--steps 20] [--cpu]
 
 Passes count per image: with classifier-free guidance each step evaluates the network on the
 masked and the null mask (one batched call of 2B, i.e. 2 passes per image). The timing uses a
@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jittor_env  # noqa: E402
+import jittor_env
 
 OFFICIAL_RECIPE = (("ddim500", 300), ("ddim500", 320), ("ddim50", 20))
 

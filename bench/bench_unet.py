@@ -1,9 +1,9 @@
 """U-Net benchmark: time per step, achieved GFLOP/s and peak memory for the U-Net presets.
 
-    python bench/bench_unet.py                                   # tiny and demo, batch 1 and 4
-    python bench/bench_unet.py --presets iidm --batches 1 --forward-only
-    python bench/bench_unet.py --precisions fp32,fp16            # on a CUDA machine
-    IIDM_KERNELS=0 python bench/bench_unet.py                    # CPU: plain Jittor ops, no kernels
+    python -m bench.bench_unet                                   # tiny and demo, batch 1 and 4
+    python -m bench.bench_unet --presets iidm --batches 1 --forward-only
+    python -m bench.bench_unet --precisions fp32,fp16            # on a CUDA machine
+    IIDM_KERNELS=0 python -m bench.bench_unet                    # CPU: plain Jittor ops, no kernels
 
 FLOPs are 2 per multiply-add of every convolution, linear layer and attention matmul, counted
 from the shapes the model actually sees in one forward (norms, activations and additions are not
@@ -30,11 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import jittor_env  # noqa: E402  (must precede jittor)
+import jittor_env  # noqa: F401  (must precede jittor)
 
 # Latent size per preset: (height, width).
 LATENT_SIZES = {"tiny": (16, 24), "demo": (24, 32), "iidm": (96, 128)}

@@ -46,7 +46,7 @@ def read_manifest(store: str | os.PathLike) -> dict[str, Any]:
     path = Path(store) / MANIFEST
     if not path.is_file():
         raise StoreError(f"{store}: not a latent store (no {MANIFEST}); build one with "
-                         "python tools/cache_latents.py --data TRAIN_ROOT --vq VQ.safetensors --out STORE")
+                         "python -m tools.cache_latents --data TRAIN_ROOT --vq VQ.safetensors --out STORE")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{path}: not a latent store manifest (format {manifest.get('format')!r})")
@@ -73,7 +73,7 @@ class LatentStore:
         done = items_done(self.path)
         if done != count:
             raise StoreError(f"{self.path}: incomplete store ({done} of {count} items encoded); run "
-                             "tools/cache_latents.py again with the same options to finish it")
+                             "`python -m tools.cache_latents` again with the same options to finish it")
         self.latents = np.load(self.path / LATENTS, mmap_mode="r")
         self.labels = np.load(self.path / LABELS, mmap_mode="r")
         shape = self.manifest["latent"]

@@ -45,7 +45,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 
 from datasets import NUM_CLASSES, colorize, one_hot, save_image
-from .checkpoint import WeightsError, config_from_dict, read_checkpoint, save_checkpoint
+from weights.checkpoint import WeightsError, config_from_dict, diffusion_section, read_checkpoint, save_checkpoint
 from .ema import EMA
 from .guidance import drop_masks
 from .latents import LatentStore
@@ -400,7 +400,7 @@ def stored_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], TrainConf
     """(network config, training config, latent store path) of the run in ``run_dir``."""
     _, info = read_training_checkpoint(Path(run_dir) / CHECKPOINT)
     config = info["config"]
-    return dict(config["unet"]), TrainConfig.from_dict(config["train"]), str(config["latents"])
+    return dict(config["network"]), TrainConfig.from_dict(config["train"]), str(config["latents"])
 
 
 def _is_writer() -> bool:
@@ -448,13 +448,15 @@ def train(unet, latents: str | os.PathLike | LatentStore, out_dir: str | os.Path
     unet_config = unet.config.to_dict()
     if resume:
         arrays, info = read_training_checkpoint(checkpoint)
-        if info["config"].get("unet") != unet_config:
+        if info["config"].get("network") != unet_config:
             raise WeightsError(f"{checkpoint}: the run's network config differs from the one given; resume "
                                "with the same preset and options")
         trainer.load(arrays, info["extra"]["training"], str(checkpoint))
         _restore_rng_states(info["extra"].get("rng", {}))
         log.info("resumed %s at step %d (%d updates)", checkpoint, trainer.step, trainer.updates)
-    run_config = {"unet": unet_config, "train": config.to_dict(), "latents": str(store.path),
+    run_config = {"network": unet_config,
+                  "diffusion": diffusion_section(dataclasses.asdict(config.schedule), "latent", config.latent_scale),
+                  "train": config.to_dict(), "latents": str(store.path),
                   "latents_autoencoder_sha256": store.manifest.get("autoencoder_sha256"),
                   "net_kind": net_kind}
 
@@ -525,15 +527,13 @@ def export_ema(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str
                dtype: str = "float32") -> None:
     """Write the ``which`` weights ("ema" or "model") of a training checkpoint as a weights
     checkpoint of the network's kind (e.g. "unet"), with the network config."""
-    from .checkpoint import weights_of
+    from weights.checkpoint import weights_of
 
     arrays, info = read_training_checkpoint(checkpoint)
     weights, kind = weights_of(arrays, info, which)
     weights = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
     extra = {"source": str(checkpoint), "weights": which, "step": info["extra"].get("step")}
-    train_config = TrainConfig.from_dict(info["config"]["train"])
-    config = {"unet": info["config"]["unet"], "schedule": dataclasses.asdict(train_config.schedule),
-              "latent_scale": train_config.latent_scale}
+    config = {"network": info["config"]["network"], "diffusion": info["config"]["diffusion"]}
     save_checkpoint(out, weights, kind=kind, config=config, extra=extra)
 
 

@@ -5,9 +5,10 @@ from models.unet import (
     UNetConfig,
     UNetModel,
     count_parameters,
+    load_unet,
     load_unet_state_dict,
     unet_preset,
 )
 
-__all__ = ["UNET_PRESETS", "UNetConfig", "UNetModel", "count_parameters", "load_unet_state_dict",
+__all__ = ["UNET_PRESETS", "UNetConfig", "UNetModel", "count_parameters", "load_unet", "load_unet_state_dict",
            "unet_preset"]

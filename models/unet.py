@@ -20,6 +20,7 @@ level ``num_res_blocks`` ``ResBlock``s, attention where the downsample factor is
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -29,7 +30,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
-from ldm.checkpoint import config_from_dict, load_weights
+from weights.checkpoint import Checkpoint, WeightsError, config_from_dict, load_checkpoint, load_weights
 from models.blocks import (
     SPADE_HIDDEN_CHANNELS,
     AttentionBlock,
@@ -154,6 +155,14 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
                  dropout=0.0, channel_mult=(1, 2), num_classes=29, num_head_channels=8,
                  use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True,
                  norm_groups=4, spade_hidden_channels=16),
+}
+
+# How the published models of a preset were trained to diffuse (a checkpoint records its own; these
+# fill in what a converted upstream file does not say). IIDM: linear betas over 1000 steps on the
+# VQ-f4 latents unscaled.
+LINEAR_1000 = {"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+PRESET_DIFFUSION: dict[str, dict[str, Any]] = {
+    "iidm": {"schedule": LINEAR_1000, "space": "latent", "latent_scale": 1.0},
 }
 
 
@@ -293,6 +302,18 @@ def load_unet_state_dict(model: UNetModel, state: Mapping[str, Any], source: str
     """Load SDM-named weights (name -> numpy array) after checking every name and shape.
 
     Names are SDM's already, so nothing is renamed; a mismatch (e.g. a mask with another class
-    count) raises ``ldm.checkpoint.WeightsError`` naming each offending weight and both shapes.
+    count) raises ``weights.checkpoint.WeightsError`` naming each offending weight and both shapes.
     """
     load_weights(model, state, source)
+
+
+def load_unet(source: "str | os.PathLike | Checkpoint", which: str = "ema") -> tuple[UNetModel, Checkpoint]:
+    """Build a U-Net from a "unet" checkpoint (a path or a ``Checkpoint`` already read, e.g. an
+    average) and load its weights strictly: (model in eval mode, the checkpoint). The checkpoint's
+    ``diffusion`` (schedule, space, latent scale) says how to sample from it."""
+    checkpoint = source if isinstance(source, Checkpoint) else load_checkpoint(source, "unet")
+    if checkpoint.kind != "unet":
+        raise WeightsError(f"{checkpoint.path}: a {checkpoint.kind!r} checkpoint, expected 'unet'")
+    model = UNetModel(checkpoint.network_config(UNetConfig))
+    load_unet_state_dict(model, checkpoint.weights(which), checkpoint.path)
+    return model.eval(), checkpoint

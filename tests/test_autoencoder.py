@@ -198,7 +198,7 @@ def test_training_lowers_the_reconstruction_loss(full_run):
 
 def test_resume_continues_from_the_saved_step(jt, train_root, full_run, tmp_path):
     from autoencoder.vqmodel import load_vqmodel
-    from ldm.checkpoint import module_arrays, read_checkpoint
+    from weights.checkpoint import module_arrays, read_checkpoint
     from train import main
 
     run = tmp_path / "run"
@@ -255,7 +255,7 @@ def test_restart_dead_codes_sets_unused_codes_to_encoder_outputs(jt, tiny):
 
 def test_codebook_restart_initialises_from_data_and_resumes_exactly(jt, train_root, tmp_path):
     from autoencoder.vqmodel import load_vqmodel
-    from ldm.checkpoint import module_arrays
+    from weights.checkpoint import module_arrays
     from train import main
 
     def argv(run, steps):

@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ldm.checkpoint import WeightsError, read_checkpoint, save_checkpoint
-from tools.average_checkpoints import average_arrays, average_checkpoints, main
+from weights.checkpoint import WeightsError, read_checkpoint, save_checkpoint
+from tools.average_checkpoints import main
+from weights.average import average_arrays, average_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = {"in_channels": 3, "model_channels": 8}
+DIFFUSION = {"schedule": {"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02},
+             "space": "latent", "latent_scale": 1.0}
+CONFIG = {"network": {"in_channels": 3, "model_channels": 8}, "diffusion": DIFFUSION}
 
 
 def arrays(seed):
@@ -111,8 +114,8 @@ def test_mismatches_name_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "a.weight" in err and "q.safetensors" in err
     assert not (tmp_path / "o.safetensors").exists()
-    r = write(tmp_path / "r.safetensors", a, config={**CONFIG, "model_channels": 16})
-    with pytest.raises(WeightsError, match="differ in model_channels"):
+    r = write(tmp_path / "r.safetensors", a, config={**CONFIG, "network": {"in_channels": 3, "model_channels": 16}})
+    with pytest.raises(WeightsError, match="differ in network.model_channels"):
         average_checkpoints([p, r])
     s = write(tmp_path / "s.safetensors", a, kind="vqmodel")
     with pytest.raises(WeightsError, match="holds a 'vqmodel' network"):
@@ -123,7 +126,7 @@ def test_runs_as_a_script(tmp_path):
     a = write(tmp_path / "a.safetensors", arrays(0))
     b = write(tmp_path / "b.safetensors", arrays(1))
     out = tmp_path / "c.safetensors"
-    done = subprocess.run([sys.executable, "tools/average_checkpoints.py", str(a), str(b), "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "tools.average_checkpoints", str(a), str(b), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "a.safetensors x 0.5" in done.stdout

@@ -86,7 +86,7 @@ def test_refuses_a_store_made_with_other_settings(setup, jt, capsys):
     root, _, _ = setup
     store = root / "store"
     before = (store / "latents.npy").read_bytes()
-    jt.set_global_seed(1)
+    jt.set_global_seed(5)  # Jittor draws the same stream for seeds 0 and 1
     save_vqmodel(VQModel(vq_config("tiny")), root / "other_vq.safetensors")
     with pytest.raises(StoreError, match="autoencoder_sha256"):
         cache_latents(root / "data" / "train", root / "other_vq.safetensors", store, HEIGHT, WIDTH, progress=False)
@@ -140,5 +140,5 @@ def test_reader_batches_views(setup):
 def test_not_a_store(tmp_path):
     from ldm.latents import LatentStore, StoreError
 
-    with pytest.raises(StoreError, match="cache_latents.py"):
+    with pytest.raises(StoreError, match="tools.cache_latents"):
         LatentStore(tmp_path)

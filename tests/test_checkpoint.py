@@ -3,18 +3,21 @@
 import numpy as np
 import pytest
 
-from ldm.checkpoint import (WeightsError, check_state_dict, load_weights, module_arrays,
-                            read_checkpoint, save_checkpoint)
+from weights.checkpoint import (WeightsError, check_state_dict, load_checkpoint, load_weights, module_arrays,
+                                read_checkpoint, save_checkpoint)
+
+LINEAR = {"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+DIFFUSION = {"schedule": LINEAR, "space": "latent", "latent_scale": 2.5}
 
 
 def test_round_trip_keeps_arrays_dtypes_and_config(tmp_path):
     arrays = {"a.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
               "b.count": np.array([7], dtype=np.int64),
               "c.half": np.ones((2,), dtype=np.float16)}
-    config = {"channels": 8, "channel_mult": [1, 2], "name": "tiny"}
+    config = {"network": {"channels": 8, "channel_mult": [1, 2], "name": "tiny"}, "diffusion": DIFFUSION}
     save_checkpoint(tmp_path / "m.safetensors", arrays, kind="unet", config=config, extra={"step": 3})
     loaded, info = read_checkpoint(tmp_path / "m.safetensors")
-    assert info == {"kind": "unet", "version": 1, "config": config, "extra": {"step": 3}}
+    assert info == {"kind": "unet", "version": 2, "config": config, "extra": {"step": 3}}
     assert set(loaded) == set(arrays)
     for name, value in arrays.items():
         assert loaded[name].dtype == value.dtype
@@ -30,8 +33,16 @@ def test_unreadable_and_foreign_files(tmp_path):
         read_checkpoint(tmp_path / "junk.safetensors")
     from safetensors.numpy import save_file
     save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(WeightsError, match="without this project's metadata"):
+    with pytest.raises(WeightsError, match="without this project's metadata.*convert_weights"):
         read_checkpoint(tmp_path / "plain.safetensors")
+    # A PyTorch or Jittor file given where a checkpoint is expected points at the converter.
+    (tmp_path / "model.pt").write_bytes(b"PK\x03\x04" + bytes(60))
+    with pytest.raises(WeightsError, match=r"model.pt: .*PyTorch \(zip\) file: convert it first with "
+                                           r"`python -m tools.convert_weights"):
+        read_checkpoint(tmp_path / "model.pt")
+    (tmp_path / "model.pkl").write_bytes(b"\x80\x04" + bytes(60))
+    with pytest.raises(WeightsError, match=r"model.pkl: .*pickle.*convert_weights"):
+        read_checkpoint(tmp_path / "model.pkl")
 
 
 def test_check_state_dict_reports_every_problem():
@@ -61,7 +72,7 @@ def test_load_weights_into_jittor_module(jt):
 
 
 def test_weights_of_training_and_weights_checkpoints():
-    from ldm.checkpoint import weights_of
+    from weights.checkpoint import weights_of
 
     plain = {"a": np.zeros(2)}
     assert weights_of(plain, {"kind": "unet"}) == (plain, "unet")
@@ -72,3 +83,139 @@ def test_weights_of_training_and_weights_checkpoints():
     assert raw["a"][0] == 0
     with pytest.raises(WeightsError, match="no 'ema' weights"):
         weights_of({"model/a": np.zeros(2)}, {"kind": "unet-train"})
+
+
+# ----------------------------------------------------------------------------- schema
+def write_v1(path, kind, config, arrays=None):
+    """A file as version 1 of the format wrote it (flat or nested config, version "1")."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    metadata = {"format": "iidm-jittor", "version": "1", "kind": kind, "config": json.dumps(config),
+                "extra": json.dumps({"step": 7})}
+    save_file(arrays or {"w": np.zeros(2, np.float32)}, str(path), metadata=metadata)
+    return path
+
+
+def test_unet_checkpoints_must_carry_their_diffusion_settings(tmp_path):
+    arrays = {"w": np.zeros(2, np.float32)}
+    with pytest.raises(WeightsError, match="does not record its diffusion settings.*--latent_scale"):
+        save_checkpoint(tmp_path / "u.safetensors", arrays, "unet", {"network": {"a": 1}})
+    bad = {**DIFFUSION, "latent_scale": float("nan")}
+    with pytest.raises(WeightsError, match="latent_scale must be a finite number"):
+        save_checkpoint(tmp_path / "u.safetensors", arrays, "unet", {"network": {"a": 1}, "diffusion": bad})
+    with pytest.raises(WeightsError, match="lacks \\['beta_end'\\]"):
+        schedule = {k: v for k, v in LINEAR.items() if k != "beta_end"}
+        save_checkpoint(tmp_path / "u.safetensors", arrays, "unet",
+                        {"network": {"a": 1}, "diffusion": {**DIFFUSION, "schedule": schedule}})
+    with pytest.raises(WeightsError, match="needs a 'network' section"):
+        save_checkpoint(tmp_path / "u.safetensors", arrays, "vqmodel", {"ch": 8})
+    assert not (tmp_path / "u.safetensors").exists()
+    pixel = {"schedule": LINEAR, "space": "pixel"}
+    save_checkpoint(tmp_path / "p.safetensors", arrays, "unet", {"network": {"a": 1}, "diffusion": pixel})
+    assert load_checkpoint(tmp_path / "p.safetensors", "unet").diffusion == pixel
+
+
+def test_version_1_layouts_are_migrated_on_read(tmp_path):
+    # the export of a training run: {"unet", "schedule", "latent_scale"}
+    export = write_v1(tmp_path / "export.safetensors", "unet",
+                      {"unet": {"model_channels": 16}, "schedule": LINEAR, "latent_scale": 2.19})
+    checkpoint = load_checkpoint(export, "unet")
+    assert checkpoint.version == 1 and checkpoint.network == {"model_channels": 16}
+    assert checkpoint.diffusion == {"schedule": LINEAR, "space": "latent", "latent_scale": 2.19}
+    assert checkpoint.step == 7
+    # a training run: {"unet", "train": {..., "schedule", "latent_scale"}, ...}
+    run = write_v1(tmp_path / "run.safetensors", "unet-train",
+                   {"unet": {"model_channels": 16}, "train": {"schedule": LINEAR, "latent_scale": 0.5, "lr": 1e-4},
+                    "latents": "store"}, {"model/w": np.zeros(2, np.float32), "ema/w": np.ones(2, np.float32)})
+    checkpoint = load_checkpoint(run, "unet")
+    assert checkpoint.training and checkpoint.diffusion["latent_scale"] == 0.5
+    assert checkpoint.config["latents"] == "store" and checkpoint.config["train"]["lr"] == 1e-4
+    np.testing.assert_array_equal(checkpoint.weights("ema")["w"], np.ones(2))
+    # a converted U-Net (flat): its schedule and latent scale were never recorded
+    flat = write_v1(tmp_path / "flat.safetensors", "unet", {"model_channels": 16})
+    checkpoint = load_checkpoint(flat, "unet")
+    assert checkpoint.network == {"model_channels": 16}
+    with pytest.raises(WeightsError, match="flat.safetensors: the checkpoint does not record its diffusion "
+                                           "settings.*convert_weights.*--schedule linear:1000 --latent_scale"):
+        checkpoint.diffusion
+    # an autoencoder: flat config
+    vq = write_v1(tmp_path / "vq.safetensors", "vqmodel", {"ch": 8})
+    assert load_checkpoint(vq, "vqmodel").network == {"ch": 8}
+    with pytest.raises(WeightsError, match="a 'vqmodel' checkpoint, expected 'unet'"):
+        load_checkpoint(vq, "unet")
+
+
+def test_a_network_config_needs_every_field(tmp_path):
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Net:
+        width: int = 8
+        norm_groups: int = 32
+
+    save_checkpoint(tmp_path / "n.safetensors", {"w": np.zeros(1, np.float32)}, "net", {"network": {"width": 4}})
+    checkpoint = load_checkpoint(tmp_path / "n.safetensors")
+    with pytest.raises(WeightsError, match="n.safetensors: the Net lacks the field\\(s\\) norm_groups.*"
+                                           "convert_weights --config"):
+        checkpoint.network_config(Net)
+    save_checkpoint(tmp_path / "n.safetensors", {"w": np.zeros(1, np.float32)}, "net",
+                    {"network": {"width": 4, "norm_groups": 8, "heads": 2}})
+    with pytest.raises(WeightsError, match="unknown field\\(s\\) heads"):
+        load_checkpoint(tmp_path / "n.safetensors").network_config(Net)
+
+
+def test_streamed_file_is_standard_safetensors(tmp_path, jt):
+    from safetensors import safe_open
+
+    arrays = {"z.empty": np.zeros((0, 3), np.float32), "a.int": np.arange(5, dtype=np.int32),
+              "m.bool": np.array([True, False]), "b.var": jt.array(np.full((3, 2), 1.5, np.float32)),
+              "c.f64": np.linspace(0, 1, 7), "d.half": np.ones(3, np.float16), "e.t": np.arange(6.0).reshape(2, 3).T}
+    save_checkpoint(tmp_path / "s.safetensors", arrays, "net", {"network": {}})
+    with safe_open(str(tmp_path / "s.safetensors"), framework="np") as f:
+        assert sorted(f.keys()) == sorted(arrays)
+        for name, value in arrays.items():
+            expected = value.numpy() if hasattr(value, "sync") else value
+            got = f.get_tensor(name)
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            np.testing.assert_array_equal(got, expected)
+    import struct
+    raw = (tmp_path / "s.safetensors").read_bytes()
+    header_size = struct.unpack("<Q", raw[:8])[0]
+    assert header_size % 8 == 0 and raw[8 + header_size - 1:8 + header_size] in (b" ", b"}")
+
+
+SAVE_PEAK_SCRIPT = """
+import resource, sys
+import numpy as np
+from weights.checkpoint import save_checkpoint
+arrays = {f"w{i}": np.full((64, 1024, 1024), i, np.float32) for i in range(4)}   # 4 x 256 MiB
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+save_checkpoint(sys.argv[1], arrays, "net", {"network": {}})
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024.0)
+"""
+
+
+def test_saving_adds_little_to_peak_memory(tmp_path):
+    """Saving ~1 GiB of arrays grows the peak by well under one array (256 MiB): nothing is
+    copied whole (a bytes object of the file would add 1 GiB)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "big.safetensors"
+    done = subprocess.run([sys.executable, "-c", SAVE_PEAK_SCRIPT, str(out)], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    growth_mib = float(done.stdout.strip().splitlines()[-1])
+    assert growth_mib < 64, f"saving grew the peak by {growth_mib:.0f} MiB"
+    import struct
+    with open(out, "rb") as f:
+        header_size = struct.unpack("<Q", f.read(8))[0]
+    assert out.stat().st_size == 8 + header_size + 4 * 256 * 1024 * 1024
+    from safetensors import safe_open
+    with safe_open(str(out), framework="np") as f:
+        assert f.get_tensor("w3")[63, 1023, 1023] == 3

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from datasets import load_image, save_image, save_label
-from tools.color_transfer import color_transfer, main
+from synthesis.color_transfer import color_transfer
+from tools.color_transfer import main
 
 
 def reference_transfer(source, reference):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.checkpoint import WeightsError, module_shapes
+from weights.checkpoint import WeightsError, module_shapes
 
 
 # ------------------------------------------------------------------------------ Frechet distance
@@ -18,7 +18,7 @@ def random_spd(rng, dim):
 
 
 def test_frechet_distance_diagonal_closed_form():
-    from tools.fid import frechet_distance
+    from scoring.fid import frechet_distance
 
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
@@ -28,7 +28,7 @@ def test_frechet_distance_diagonal_closed_form():
 
 
 def test_frechet_distance_commuting_covariances_closed_form():
-    from tools.fid import frechet_distance
+    from scoring.fid import frechet_distance
 
     rng = np.random.default_rng(1)
     q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
@@ -40,7 +40,7 @@ def test_frechet_distance_commuting_covariances_closed_form():
 
 
 def test_frechet_distance_general_case_against_symmetric_eigendecomposition():
-    from tools.fid import frechet_distance
+    from scoring.fid import frechet_distance
 
     rng = np.random.default_rng(2)
     dim = 8
@@ -55,7 +55,7 @@ def test_frechet_distance_general_case_against_symmetric_eigendecomposition():
 
 
 def test_frechet_distance_of_identical_singular_statistics_is_near_zero():
-    from tools.fid import frechet_distance
+    from scoring.fid import frechet_distance
 
     rng = np.random.default_rng(3)
     features = rng.standard_normal((4, 10))        # 4 samples in 10 dims: rank-3 covariance
@@ -65,7 +65,7 @@ def test_frechet_distance_of_identical_singular_statistics_is_near_zero():
 
 
 def test_frechet_distance_refuses_a_large_imaginary_component_and_mismatched_shapes():
-    from tools.fid import frechet_distance
+    from scoring.fid import frechet_distance
 
     with pytest.raises(ValueError, match="imaginary"):
         frechet_distance(np.zeros(2), np.diag([1.0, 1.0]), np.zeros(2), np.diag([-1.0, 1.0]))
@@ -92,7 +92,7 @@ def colour_features(batch):
 
 
 def test_fid_of_a_set_against_itself_is_zero_whatever_the_batching(tmp_path):
-    from tools.fid import activation_statistics, frechet_distance
+    from scoring.fid import activation_statistics, frechet_distance
 
     paths = write_images(tmp_path / "imgs", 12)
     mu1, sigma1 = activation_statistics(paths, colour_features, batch_size=5)
@@ -104,7 +104,7 @@ def test_fid_of_a_set_against_itself_is_zero_whatever_the_batching(tmp_path):
 
 
 def test_training_statistics_are_cached_by_image_list_and_weights(tmp_path):
-    from tools.fid import cached_statistics
+    from scoring.fid import cached_statistics
 
     paths = write_images(tmp_path / "imgs", 6)
     calls = []
@@ -136,7 +136,7 @@ def windows(x, fill):
 
 
 def test_avg_pool_excludes_padding_and_max_pool_never_picks_it(jt):
-    from tools.fid import avg_pool_3x3_same_exclude_pad, max_pool_3x3_same
+    from scoring.fid import avg_pool_3x3_same_exclude_pad, max_pool_3x3_same
 
     x = np.random.default_rng(4).standard_normal((2, 3, 5, 6)).astype(np.float32) - 2.0
     got_avg = avg_pool_3x3_same_exclude_pad(jt.array(x)).numpy()
@@ -162,7 +162,7 @@ def bilinear_reference(x, out_height, out_width):
 
 @pytest.mark.parametrize("size_in,size_out", [((7, 9), (4, 5)), ((5, 6), (11, 13))])
 def test_resize_is_pytorch_bilinear_without_align_corners(jt, size_in, size_out):
-    from tools.fid import resize_bilinear
+    from scoring.fid import resize_bilinear
 
     x = np.random.default_rng(5).random((2, 3, *size_in)).astype(np.float32)
     got = resize_bilinear(jt.array(x), *size_out).numpy()
@@ -246,7 +246,7 @@ def random_weights(shapes, seed=0, var_range=(0.001, 2.0)):
 
 
 def test_parameter_names_and_shapes_are_torchvisions(jt):
-    from tools.fid import FIDInceptionV3
+    from scoring.fid import FIDInceptionV3
 
     assert module_shapes(FIDInceptionV3()) == expected_inception_shapes()
 
@@ -254,7 +254,7 @@ def test_parameter_names_and_shapes_are_torchvisions(jt):
 def test_loading_drops_the_classifier_and_counters_and_checks_the_rest(jt, tmp_path):
     from safetensors.numpy import save_file
 
-    from tools.fid import inception_from_arrays, load_inception
+    from scoring.fid import inception_from_arrays, load_inception
 
     weights = random_weights(expected_inception_shapes())
     extra = {"fc.weight": np.zeros((1008, 2048), np.float32), "fc.bias": np.zeros(1008, np.float32),
@@ -299,8 +299,8 @@ def block_weights(module, seed):
 
 
 def test_fid_inception_a_block_matches_numpy(jt):
-    from ldm.checkpoint import load_weights
-    from tools.fid import FIDInceptionA
+    from weights.checkpoint import load_weights
+    from scoring.fid import FIDInceptionA
 
     block = FIDInceptionA(8, pool_features=4)
     weights = block_weights(block, 6)
@@ -320,8 +320,8 @@ def test_fid_inception_a_block_matches_numpy(jt):
 
 
 def test_fid_inception_e_block_with_max_pool_matches_numpy(jt):
-    from ldm.checkpoint import load_weights
-    from tools.fid import FIDInceptionE
+    from weights.checkpoint import load_weights
+    from scoring.fid import FIDInceptionE
 
     block = FIDInceptionE(8, pool="max")
     weights = block_weights(block, 8)
@@ -343,7 +343,7 @@ def test_fid_inception_e_block_with_max_pool_matches_numpy(jt):
 
 # ---------------------------------------------------------------------------- whole network
 def test_inception_forward_at_299_is_batch_independent_and_self_fid_is_zero(jt, tmp_path):
-    from tools.fid import (FEATURE_DIM, activation_statistics, frechet_distance, inception_features,
+    from scoring.fid import (FEATURE_DIM, activation_statistics, frechet_distance, inception_features,
                            inception_from_arrays)
 
     model = inception_from_arrays(random_weights(expected_inception_shapes(), seed=10, var_range=(0.5, 2.0)))

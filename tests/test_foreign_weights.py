@@ -16,8 +16,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from ldm.checkpoint import WeightsError, read_checkpoint
-from ldm.foreign_weights import UnsafeFileError, find_prefix, read_weights, select_weights
+from weights.checkpoint import WeightsError, read_checkpoint
+from weights.foreign import UnsafeFileError, find_prefix, read_weights, select_weights
 
 
 # ------------------------------------------------------------------ torch.save's layout, without torch
@@ -105,7 +105,7 @@ class LegacyPickler(TorchLikePickler):
 def write_torch_legacy(path, obj, storages, cut=0):
     """torch.save's pre-1.6 layout: magic, protocol, system info, the object, the storage keys,
     then each storage as an int64 count and its elements."""
-    from ldm.foreign_weights import TORCH_LEGACY_MAGIC
+    from weights.foreign import TORCH_LEGACY_MAGIC
 
     buffer = io.BytesIO()
     for value in (TORCH_LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
@@ -277,7 +277,7 @@ def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
 
 def test_lightning_checkpoint_loads_by_taming_names_with_loss_keys_reported(jt, tmp_path):
     from autoencoder.vqmodel import VQModel, vq_config
-    from ldm.checkpoint import load_weights, module_arrays, module_shapes
+    from weights.checkpoint import load_weights, module_arrays, module_shapes
 
     weights = taming_state()
     write_lightning(tmp_path / "last.ckpt", {**weights, **loss_state()})
@@ -300,7 +300,7 @@ def test_lightning_checkpoint_loads_by_taming_names_with_loss_keys_reported(jt, 
 
 def test_vq_f4_names_and_shapes_equal_the_reference_layout(jt):
     from autoencoder.vqmodel import VQModel, vq_config
-    from ldm.checkpoint import module_shapes
+    from weights.checkpoint import module_shapes
 
     expected = taming_vq_shapes(ch=128, ch_mult=(1, 2, 4), num_res_blocks=2, attn_resolutions=(), resolution=256,
                                 z_channels=3, embed_dim=3, n_embed=8192)
@@ -315,7 +315,7 @@ def test_vq_f4_names_and_shapes_equal_the_reference_layout(jt):
 
 def test_attention_levels_follow_attn_resolutions(jt):
     from autoencoder.vqmodel import VQModel, VQConfig
-    from ldm.checkpoint import module_shapes
+    from weights.checkpoint import module_shapes
 
     layout = dict(TINY, attn_resolutions=(128,))
     config = VQConfig(num_groups=4, **layout)
@@ -423,7 +423,7 @@ def test_select_weights_and_find_prefix():
 # ----------------------------------------------------------------------------------- converter
 def test_converter_round_trip_and_plain_word_report(jt, tmp_path, capsys):
     from autoencoder.vqmodel import load_vqmodel
-    from ldm.checkpoint import module_arrays
+    from weights.checkpoint import module_arrays
     from tools.convert_weights import main
 
     weights = taming_state()
@@ -433,7 +433,7 @@ def test_converter_round_trip_and_plain_word_report(jt, tmp_path, capsys):
     assert "ignored 3 training-only weight(s) under 'loss.'" in out
     assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in out
     arrays, info = read_checkpoint(tmp_path / "vq.safetensors")
-    assert info["kind"] == "vqmodel" and info["config"]["ch"] == 8 and info["config"]["n_embed"] == 64
+    assert info["kind"] == "vqmodel" and info["config"]["network"]["ch"] == 8 and info["config"]["network"]["n_embed"] == 64
     assert info["extra"]["source_values"]["global_step"] == 1200
     assert set(arrays) == set(weights)
     for name, value in weights.items():
@@ -490,7 +490,7 @@ def test_converter_lists_misfits_and_writes_nothing(jt, tmp_path, capsys):
 def test_converter_unet_from_sdm_state_dict_and_class_count_mismatch(jt, tmp_path, capsys):
     """An SDM-style .pt (names under "module.", as a DDP-wrapped save) converts by name to a
     U-Net checkpoint that loads; a file for 30 classes is refused naming the SPADE convolutions."""
-    from ldm.checkpoint import load_weights, module_arrays
+    from weights.checkpoint import load_weights, module_arrays
     from models import UNetModel, unet_preset
     from tools.convert_weights import main
 
@@ -500,10 +500,10 @@ def test_converter_unet_from_sdm_state_dict_and_class_count_mismatch(jt, tmp_pat
     tensors, storages = tensors_of({f"module.{k}": v for k, v in reference.items()})
     write_torch_zip(tmp_path / "ema_0.9999_000100.pt", tensors, storages)
     assert main(["--kind", "unet", "--preset", "tiny", str(tmp_path / "ema_0.9999_000100.pt"),
-                 str(tmp_path / "unet.safetensors")]) == 0
+                 str(tmp_path / "unet.safetensors"), "--schedule", "linear:1000", "--latent_scale", "1"]) == 0
     assert "weights under 'module.'" in capsys.readouterr().out
     arrays, info = read_checkpoint(tmp_path / "unet.safetensors")
-    assert info["kind"] == "unet" and info["config"]["model_channels"] == 16
+    assert info["kind"] == "unet" and info["config"]["network"]["model_channels"] == 16
     network = UNetModel(unet_preset("tiny"))
     load_weights(network, arrays, "unet.safetensors")
     loaded = module_arrays(network)

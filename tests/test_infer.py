@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import infer
-from ldm.checkpoint import WeightsError
+from weights.checkpoint import WeightsError
 from datasets import DataError, save_label
 from datasets.synthetic import write_dataset
 from ldm import pipeline
@@ -55,18 +55,10 @@ def test_list_jobs_marks_missing_references(tmp_path):
         infer.list_jobs(masks, tmp_path / "train", tmp_path / "out")
 
 
-def test_parse_size_and_split_config():
+def test_parse_size():
     assert infer.parse_size("384x512") == (384, 512) and infer.parse_size(None) is None
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
         infer.parse_size("512")
-    unet, schedule, scale = infer.split_config({"unet": {"in_channels": 3}, "schedule": {"num_timesteps": 500},
-                                                "latent_scale": 2.5})
-    assert unet == {"in_channels": 3} and schedule.num_timesteps == 500 and schedule.kind == "linear"
-    assert scale == 2.5
-    unet, schedule, scale = infer.split_config({"in_channels": 3})
-    assert unet == {"in_channels": 3} and schedule.num_timesteps == 1000 and scale == 1.0
-    with pytest.raises(WeightsError, match="latent_scale"):
-        infer.split_config({"unet": {"in_channels": 3}, "latent_scale": -1})
 
 
 def test_no_model_names_both_demo_files(tmp_path, capsys, monkeypatch):
@@ -85,8 +77,9 @@ def models(tmp_path_factory, jt):
     """Tiny random U-Net and VQ checkpoints (the U-Net's zero-initialised last layer is made
     random so the network's output is not zero)."""
     from autoencoder.vqmodel import VQModel, save_vqmodel, vq_config
-    from ldm.checkpoint import module_arrays, save_checkpoint
+    from weights.checkpoint import module_arrays, save_checkpoint
     from models import UNetModel, unet_preset
+    from models.unet import PRESET_DIFFUSION
 
     folder = tmp_path_factory.mktemp("models")
     jt.set_global_seed(0)
@@ -95,7 +88,8 @@ def models(tmp_path_factory, jt):
     rng = np.random.default_rng(0)
     arrays = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("out.") else v
               for k, v in arrays.items()}
-    save_checkpoint(folder / "unet.safetensors", arrays, kind="unet", config=config.to_dict())
+    save_checkpoint(folder / "unet.safetensors", arrays, kind="unet",
+                    config={"network": config.to_dict(), "diffusion": PRESET_DIFFUSION["iidm"]})
     save_vqmodel(VQModel(vq_config("tiny")), folder / "vq.safetensors")
     return folder / "unet.safetensors", folder / "vq.safetensors"
 
@@ -103,12 +97,13 @@ def models(tmp_path_factory, jt):
 def test_models_apply_the_checkpoint_latent_scale(tmp_path, models, jt):
     """A checkpoint exported with latent_scale s: encode gives s x the autoencoder's latent and
     decode divides by s before decoding."""
-    from ldm.checkpoint import read_checkpoint, save_checkpoint
+    from weights.checkpoint import read_checkpoint, save_checkpoint
 
     unet, vq = models
     arrays, info = read_checkpoint(unet)
     scaled = tmp_path / "scaled.safetensors"
-    save_checkpoint(scaled, arrays, kind="unet", config={"unet": info["config"], "latent_scale": 4.0})
+    config = {**info["config"], "diffusion": {**info["config"]["diffusion"], "latent_scale": 4.0}}
+    save_checkpoint(scaled, arrays, kind="unet", config=config)
     plain, times4 = infer.Models([unet], vq), infer.Models([scaled], vq)
     images = np.random.default_rng(0).integers(0, 256, (1, HEIGHT, WIDTH, 3), dtype=np.uint8)
     a, b = plain.encode(images).numpy(), times4.encode(images).numpy()

@@ -77,7 +77,7 @@ def run_args(root, results, *extra):
 
 
 def expected_s(root, names, mode="challenge"):
-    from tools.style_similarity import read_bgr, style_similarity
+    from scoring.style_similarity import read_bgr, style_similarity
 
     mapping = json.loads((root / "test" / "labels" / "label_to_img.json").read_text())
     values = [style_similarity(read_bgr(root / "test" / "imgs" / f"{n}.jpg"),
@@ -120,33 +120,33 @@ def test_a_missing_result_is_named_and_nothing_is_written(synthetic, tmp_path, c
 
 def constant_segmenter_checkpoint(path, cls, height=24, width=32):
     """A segmenter whose head ignores its input and always predicts class ``cls``."""
-    from ldm.checkpoint import module_arrays, save_checkpoint
-    from tools.segmenter import CHECKPOINT_KIND, Segmenter, SegmenterConfig
+    from weights.checkpoint import module_arrays, save_checkpoint
+    from scoring.segmenter import CHECKPOINT_KIND, Segmenter, SegmenterConfig
 
     config = SegmenterConfig(widths=(4, 8), height=height, width=width)
     arrays = module_arrays(Segmenter(config))
     arrays["head.weight"][:] = 0
     arrays["head.bias"][:] = 0
     arrays["head.bias"][cls] = 5.0
-    save_checkpoint(path, arrays, CHECKPOINT_KIND, config.to_dict())
+    save_checkpoint(path, arrays, CHECKPOINT_KIND, {"network": config.to_dict()})
 
 
 def constant_aesthetic_checkpoint(path, logits):
     """A NIMA whose classifier ignores the features: p = softmax(logits) for every image."""
-    from ldm.checkpoint import module_arrays, save_checkpoint
-    from tools.aesthetic import CHECKPOINT_KIND, NIMA, NimaConfig
+    from weights.checkpoint import module_arrays, save_checkpoint
+    from scoring.aesthetic import CHECKPOINT_KIND, NIMA, NimaConfig
 
     config = NimaConfig(stage_channels=(4, 4), convs_per_stage=(1, 1), image_size=16, resize_to=20)
     arrays = module_arrays(NIMA(config))
     arrays["classifier.1.weight"][:] = 0
     arrays["classifier.1.bias"][:] = logits
-    save_checkpoint(path, arrays, CHECKPOINT_KIND, config.to_dict())
+    save_checkpoint(path, arrays, CHECKPOINT_KIND, {"network": config.to_dict()})
 
 
 def test_run_with_plug_in_models_fills_m_and_a_and_fid_completes_t(jt, synthetic, tmp_path, capsys,
                                                                    monkeypatch):
     from datasets import load_label
-    from tools import fid
+    from scoring import fid
 
     sky = 1
     constant_segmenter_checkpoint(tmp_path / "seg.safetensors", sky)
@@ -206,8 +206,8 @@ def load_image_rgb(path):
 
 # ------------------------------------------------------------------------------ NIMA plug-in
 def test_nima_names_follow_torchvision_vgg_and_the_default_is_vgg16(jt):
-    from ldm.checkpoint import module_shapes
-    from tools.aesthetic import NIMA, NimaConfig
+    from weights.checkpoint import module_shapes
+    from scoring.aesthetic import NIMA, NimaConfig
 
     assert NimaConfig().feature_size == 512 * 7 * 7
     config = NimaConfig(stage_channels=(4, 8, 8), convs_per_stage=(2, 2, 3), image_size=16, resize_to=18)
@@ -228,7 +228,7 @@ def test_nima_names_follow_torchvision_vgg_and_the_default_is_vgg16(jt):
 def test_nima_preprocessing_is_torchvision_resize_and_centre_crop():
     from PIL import Image
 
-    from tools.aesthetic import NimaConfig, mean_score, preprocess
+    from scoring.aesthetic import NimaConfig, mean_score, preprocess
 
     config = NimaConfig(stage_channels=(4,), convs_per_stage=(1,), image_size=16, resize_to=20)
     image = np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8)
@@ -241,8 +241,8 @@ def test_nima_preprocessing_is_torchvision_resize_and_centre_crop():
 def test_aesthetic_loader_checks_the_kind_and_names(jt, tmp_path):
     from safetensors.numpy import save_file
 
-    from ldm.checkpoint import WeightsError
-    from tools.aesthetic import load_aesthetic
+    from weights.checkpoint import WeightsError
+    from scoring.aesthetic import load_aesthetic
 
     constant_segmenter_checkpoint(tmp_path / "seg.safetensors", 0)
     with pytest.raises(WeightsError, match="'segmenter' checkpoint"):

@@ -33,7 +33,7 @@ def checkpoint(jt, train_root, tmp_path_factory):
 
 def test_training_loss_falls_quickly(jt, train_root):
     from datasets import TrainingSet, NUM_CLASSES
-    from tools.segmenter import SegmenterConfig
+    from scoring.segmenter import SegmenterConfig
     from tools.train_segmenter import train_segmenter
 
     config = SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
@@ -48,7 +48,7 @@ def test_training_loss_falls_quickly(jt, train_root):
 def test_segmenter_learns_the_synthetic_set(jt, train_root, tmp_path):
     from datasets import TrainingSet
     from tools import train_segmenter
-    from tools.segmenter import load_segmenter, mask_accuracy
+    from scoring.segmenter import load_segmenter, mask_accuracy
 
     path = tmp_path / "segmenter.safetensors"
     assert train_segmenter.main([str(train_root), "--out", str(path), "--height", str(HEIGHT),
@@ -61,20 +61,20 @@ def test_segmenter_learns_the_synthetic_set(jt, train_root, tmp_path):
 
 
 def test_checkpoint_describes_itself_and_reloads_to_the_same_predictions(jt, checkpoint):
-    from ldm.checkpoint import read_checkpoint
-    from tools.segmenter import SegmenterConfig, load_segmenter, predict_labels
+    from weights.checkpoint import read_checkpoint
+    from scoring.segmenter import SegmenterConfig, load_segmenter, predict_labels
 
     path, dataset = checkpoint
     _, info = read_checkpoint(path)
     assert info["kind"] == "segmenter" and info["extra"]["step"] == 6
-    assert SegmenterConfig.from_dict(info["config"]) == SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
+    assert SegmenterConfig.from_dict(info["config"]["network"]) == SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
     images = np.stack([dataset[i].image for i in range(2)])
     first, second = load_segmenter(path), load_segmenter(path)
     np.testing.assert_array_equal(predict_labels(first, images), predict_labels(second, images))
 
 
 def test_any_input_size_gives_logits_of_that_size(jt):
-    from tools.segmenter import Segmenter, SegmenterConfig, to_input
+    from scoring.segmenter import Segmenter, SegmenterConfig, to_input
 
     model = Segmenter(SegmenterConfig(widths=(4, 8, 8), num_classes=5, height=13, width=19))
     model.eval()
@@ -83,7 +83,7 @@ def test_any_input_size_gives_logits_of_that_size(jt):
 
 
 def test_mask_accuracy_is_pixel_accuracy_at_the_label_size(jt, monkeypatch):
-    from tools import segmenter
+    from scoring import segmenter
 
     model = segmenter.Segmenter(segmenter.SegmenterConfig(widths=(4,), height=4, width=6))
     seen = {}
@@ -104,11 +104,11 @@ def test_mask_accuracy_is_pixel_accuracy_at_the_label_size(jt, monkeypatch):
 
 
 def test_loading_refuses_another_kind_of_checkpoint(jt, tmp_path):
-    from ldm.checkpoint import WeightsError, save_checkpoint
-    from tools.segmenter import load_segmenter
+    from weights.checkpoint import WeightsError, save_checkpoint
+    from scoring.segmenter import load_segmenter
 
-    save_checkpoint(tmp_path / "x.safetensors", {"w": np.zeros(2, np.float32)}, "unet", {})
-    with pytest.raises(WeightsError, match="'unet' checkpoint"):
+    save_checkpoint(tmp_path / "x.safetensors", {"w": np.zeros(2, np.float32)}, "vqmodel", {"network": {}})
+    with pytest.raises(WeightsError, match="'vqmodel' checkpoint"):
         load_segmenter(tmp_path / "x.safetensors")
 
 

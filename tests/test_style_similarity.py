@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tools.style_similarity import (HSV_BINS, RGB_BINS, ImageReadError, hsv_histogram, read_bgr,
+from scoring.style_similarity import (HSV_BINS, RGB_BINS, ImageReadError, hsv_histogram, read_bgr,
                                     rgb_histogram, style_similarity)
 
 

@@ -63,7 +63,7 @@ def config(**overrides):
 
 
 def read(path):
-    from ldm.checkpoint import read_checkpoint
+    from weights.checkpoint import read_checkpoint
 
     return read_checkpoint(path)
 
@@ -193,7 +193,7 @@ def test_ema_in_the_loop_and_checkpoint_layout(jt, store, tmp_path):
     arrays, info = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
     assert info["kind"] == "unet-train"
     assert info["extra"]["training"]["step"] == 3 and info["extra"]["training"]["updates"] == 3
-    assert info["config"]["unet"]["model_channels"] == 16 and info["config"]["train"]["ema_decay"] == 0.9
+    assert info["config"]["network"]["model_channels"] == 16 and info["config"]["train"]["ema_decay"] == 0.9
     d = 0.9
     for name in history[0]:
         expected = d ** 3 * history[0][name].astype(np.float64) + (1 - d) * sum(
@@ -223,7 +223,7 @@ def test_resume_is_bit_exact(jt, store, tmp_path):
 
 
 def test_refuses_to_overwrite_or_resume_the_wrong_run(jt, store, tmp_path):
-    from ldm.checkpoint import WeightsError
+    from weights.checkpoint import WeightsError
     from ldm.training import train
     from models import UNetModel, unet_preset
 
@@ -328,20 +328,17 @@ def test_gradient_accumulation_matches_the_full_batch(jt, store, tmp_path):
 
 
 def test_export_weights_and_reload(jt, store, tmp_path):
-    from infer import split_config
-    from ldm.checkpoint import read_checkpoint
+    from weights.checkpoint import read_checkpoint
     from ldm.training import export_ema, train
-    from models import UNetConfig, UNetModel, load_unet_state_dict
+    from models import load_unet
 
     train(make_unet(jt), store, tmp_path / "run", config(max_steps=1, save_every=1, latent_scale=3.0),
           progress=False)
     export_ema(tmp_path / "run" / "checkpoints" / "last.safetensors", tmp_path / "unet.safetensors")
     arrays, info = read_checkpoint(tmp_path / "unet.safetensors")
     assert info["kind"] == "unet"
-    unet_fields, schedule, scale = split_config(info["config"])
-    assert scale == 3.0 and schedule.num_timesteps == 1000
-    unet = UNetModel(UNetConfig.from_dict(unet_fields))
-    load_unet_state_dict(unet, arrays)
+    unet, checkpoint = load_unet(tmp_path / "unet.safetensors")
+    assert checkpoint.diffusion["latent_scale"] == 3.0 and checkpoint.diffusion["schedule"]["num_timesteps"] == 1000
     train_arrays, _ = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
     for name, value in arrays.items():
         np.testing.assert_array_equal(value, train_arrays[f"ema/{name}"])

@@ -192,7 +192,7 @@ def np_unet(p, cfg, x, t, mask):
 def random_state(module, seed):
     """Random weights for every array of ``module`` (zero-initialised ones included): group-norm
     scales near 1, other weights ~ 0.5 / sqrt(fan_in), biases ~ 0.1."""
-    from ldm.checkpoint import module_shapes
+    from weights.checkpoint import module_shapes
 
     rng = np.random.default_rng(seed)
     state = {}
@@ -208,7 +208,7 @@ def random_state(module, seed):
 
 
 def randomize(module, seed):
-    from ldm.checkpoint import load_weights
+    from weights.checkpoint import load_weights
 
     state = random_state(module, seed)
     load_weights(module, state)
@@ -389,16 +389,18 @@ def test_mask_changes_the_output_and_the_null_mask_runs(jt, tiny):
 
 
 def test_checkpoint_round_trip_rebuilds_an_identical_unet(jt, tiny, tmp_path):
-    from ldm.checkpoint import module_arrays, read_checkpoint, save_checkpoint
+    from weights.checkpoint import module_arrays, read_checkpoint, save_checkpoint
     from models import UNetConfig, UNetModel, load_unet_state_dict
+    from models.unet import PRESET_DIFFUSION
 
     rng = np.random.default_rng(14)
     model = UNetModel(tiny)
     randomize(model, 15)
     path = tmp_path / "unet.safetensors"
-    save_checkpoint(path, module_arrays(model), kind="unet", config=tiny.to_dict())
+    save_checkpoint(path, module_arrays(model), kind="unet",
+                    config={"network": tiny.to_dict(), "diffusion": PRESET_DIFFUSION["iidm"]})
     arrays, info = read_checkpoint(path)
-    config = UNetConfig.from_dict(info["config"])
+    config = UNetConfig.from_dict(info["config"]["network"])
     assert config == tiny
     rebuilt = UNetModel(config)
     load_unet_state_dict(rebuilt, arrays, str(path))
@@ -409,7 +411,7 @@ def test_checkpoint_round_trip_rebuilds_an_identical_unet(jt, tiny, tmp_path):
 
 
 def test_wrong_class_count_names_the_weights(jt):
-    from ldm.checkpoint import WeightsError, module_shapes
+    from weights.checkpoint import WeightsError, module_shapes
     from models import UNetModel, load_unet_state_dict, unet_preset
 
     model = UNetModel(unet_preset("iidm"))  # parameters are lazy: nothing is allocated here
@@ -431,7 +433,7 @@ SDM_IIDM_TABLE_SHA256 = "65e340b4fc0efff74230a85332c1623cd8098d9fa9a374b3c0dcc94
 
 
 def test_iidm_preset_has_sdm_names_and_shapes(jt):
-    from ldm.checkpoint import module_shapes
+    from weights.checkpoint import module_shapes
     from models import UNetModel, count_parameters, unet_preset
 
     model = UNetModel(unet_preset("iidm"))
@@ -511,7 +513,7 @@ def test_unet_gradient_matches_numpy_directional_derivative(jt, tiny):
 @pytest.mark.cuda
 def test_fp16_torso_stays_close_to_fp32(jt, tiny):
     """use_fp16 (CUDA): float16 torso, float32 time embedding, norms and output convolution."""
-    from ldm.checkpoint import load_weights, module_arrays
+    from weights.checkpoint import load_weights, module_arrays
     from models import UNetModel, unet_preset
 
     rng = np.random.default_rng(18)

@@ -1,6 +1,6 @@
 """Encode a training root into the latent store the LDM trains from (once, before training).
 
-    python tools/cache_latents.py --data TRAIN_ROOT --vq VQ.safetensors --out STORE [--height 384 --width 512]
+    python -m tools.cache_latents --data TRAIN_ROOT --vq VQ.safetensors --out STORE [--height 384 --width 512]
 
 Every photo of TRAIN_ROOT/imgs and its left-right flip go through the autoencoder's encoder (the
 pre-quantisation latent, as LDM and IIDM train on); the label map and its flip are resized
@@ -25,14 +25,12 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jittor_env  # noqa: E402
-from datasets import DataError, TrainingSet, resize_label  # noqa: E402
-from datasets.landscape import CHALLENGE_HEIGHT, CHALLENGE_WIDTH  # noqa: E402
-from ldm.checkpoint import WeightsError, read_checkpoint  # noqa: E402
-from ldm.latents import (FORMAT_NAME, FORMAT_VERSION, LABELS, LATENTS, MANIFEST, PROGRESS, VIEWS,  # noqa: E402
+import jittor_env
+from datasets import DataError, TrainingSet, resize_label
+from datasets.landscape import CHALLENGE_HEIGHT, CHALLENGE_WIDTH
+from weights.checkpoint import WeightsError, read_checkpoint
+from ldm.latents import (FORMAT_NAME, FORMAT_VERSION, LABELS, LATENTS, MANIFEST, PROGRESS, VIEWS,
                          StoreError, items_done, read_manifest, write_json_atomic)
 
 log = logging.getLogger("iidm.cache_latents")
@@ -51,7 +49,7 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def build_manifest(data_root: Path, dataset: TrainingSet, vq_path: Path, vq_info: dict[str, Any],
                    height: int, width: int) -> dict[str, Any]:
-    config = vq_info["config"]
+    config = vq_info["config"]["network"]
     factor = 2 ** (len(config["ch_mult"]) - 1)
     for name, size in (("height", height), ("width", width)):
         if size % factor:

@@ -1,12 +1,12 @@
 """Convert weights from PyTorch / Lightning / Jittor files into this project's checkpoint
 (safetensors + config), checking every name and shape against the network built from the config.
 
-    python tools/convert_weights.py --kind vqmodel --preset vq-f4 model.ckpt vq-f4.safetensors
-    python tools/convert_weights.py --kind unet --preset iidm ema_0.9999_100000.pt unet.safetensors
+    python -m tools.convert_weights --kind vqmodel --preset vq-f4 model.ckpt vq-f4.safetensors
+    python -m tools.convert_weights --kind unet --preset iidm ema_0.9999_100000.pt unet.safetensors
 
 Reads SDM's ``.pt`` state dicts (model or EMA), IIDM's Jittor ``.pkl``, LDM / taming Lightning checkpoints (``state_dict``; the training-only ``loss.*`` weights are
 left out and reported), plain torch state dicts, IIDM's Jittor ``.pkl`` and this project's own
-checkpoints; nothing in the input is executed (ldm/foreign_weights.py). Weights under a prefix
+checkpoints; nothing in the input is executed (weights/foreign.py). Weights under a prefix
 (``first_stage_model.`` in a whole LDM checkpoint) are found by themselves, or name it with
 ``--prefix``. Missing, unexpected and mis-shaped weights are listed in plain words and nothing is
 written. Exit status: 0 written, 1 the weights do not fit or cannot be read.
@@ -20,20 +20,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
-import argparse  # noqa: E402
-import logging  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Callable, Mapping  # noqa: E402
+import argparse
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import jittor_env  # noqa: E402
-from ldm.checkpoint import WeightsError, save_checkpoint  # noqa: E402
-from ldm.foreign_weights import Selection, find_prefix, read_weights, select_weights  # noqa: E402
+import jittor_env
+from weights.checkpoint import WeightsError, check_diffusion, save_checkpoint
+from weights.foreign import Selection, find_prefix, read_weights, select_weights
 
 
 @dataclass(frozen=True)
@@ -74,7 +71,7 @@ KINDS: dict[str, Kind] = {
         presets=lambda: list(_vq("PRESETS")),
         default_preset="vq-f4",
         config_from_preset=lambda preset: _vq("vq_config")(preset),
-        config_from_dict=lambda values: _vq("VQConfig").from_dict(values),
+        config_from_dict=lambda values: _vq("VQConfig").from_dict(values["network"]),
         build_network=lambda config: _vq("VQModel")(config),
         map_names=prefix_mapping("encoder.conv_in.weight", ("", "first_stage_model.")),
         drop=("loss.", "train/"),
@@ -85,9 +82,7 @@ KINDS: dict[str, Kind] = {
         presets=lambda: list(_unet("UNET_PRESETS")),
         default_preset="iidm",
         config_from_preset=lambda preset: _unet("unet_preset")(preset),
-        config_from_dict=lambda values: _unet("UNetConfig").from_dict(
-            values["unet"] if isinstance(values.get("unet"), dict) else
-            {k: v for k, v in values.items() if k != "schedule"}),
+        config_from_dict=lambda values: _unet("UNetConfig").from_dict(values["network"]),
         build_network=lambda config: _unet("UNetModel")(config),
         map_names=prefix_mapping("input_blocks.0.0.weight",
                                  ("", "model.diffusion_model.", "model.", "module.")),
@@ -126,6 +121,43 @@ def report_fit(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, np
     return lines
 
 
+def parse_schedule(text: str) -> dict[str, Any]:
+    """--schedule KIND:T[:BETA_START:BETA_END], e.g. linear:1000 (beta 1e-4 .. 0.02)."""
+    parts = text.split(":")
+    try:
+        kind, steps = parts[0], int(parts[1])
+        betas = [float(v) for v in parts[2:]] or [1e-4, 0.02]
+    except (IndexError, ValueError):
+        raise WeightsError(f"--schedule must be KIND:T[:BETA_START:BETA_END], e.g. linear:1000, got {text!r}") from None
+    if kind not in ("linear", "cosine") or steps < 1 or len(betas) != 2:
+        raise WeightsError(f"--schedule must be linear or cosine with T >= 1 and two betas, got {text!r}")
+    return {"kind": kind, "num_timesteps": steps, "beta_start": betas[0], "beta_end": betas[1]}
+
+
+def unet_diffusion(args, stored: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A U-Net's diffusion settings: the options given, else the input's own (one of this project's
+    checkpoints), else the preset's published ones; never a silent default."""
+    from models.unet import PRESET_DIFFUSION
+
+    base = None
+    if stored is not None and isinstance(stored.get("config", {}).get("diffusion"), Mapping):
+        base = dict(stored["config"]["diffusion"])
+    elif args.preset in PRESET_DIFFUSION:
+        base = dict(PRESET_DIFFUSION[args.preset])
+    diffusion = dict(base or {})
+    if args.schedule is not None:
+        diffusion["schedule"] = parse_schedule(args.schedule)
+    if args.latent_scale is not None:
+        diffusion["latent_scale"] = args.latent_scale
+    diffusion.setdefault("space", "latent")
+    missing = [flag for flag, key in (("--schedule", "schedule"), ("--latent_scale", "latent_scale"))
+               if key not in diffusion]
+    if missing:
+        raise WeightsError(f"the U-Net's diffusion settings are unknown: give {' and '.join(missing)} "
+                           "(IIDM and SDM: --schedule linear:1000; IIDM's VQ-f4 latents: --latent_scale 1)")
+    return check_diffusion(diffusion, "the converted U-Net")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="weights to read (.ckpt, .pt, .pth, .pkl, .safetensors)")
@@ -142,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true",
                         help="refuse the file if its pickle names any class outside the whitelist, even in "
                              "sections that hold no weights (Lightning callbacks)")
+    parser.add_argument("--schedule", help="U-Net: the noise schedule it was trained with, KIND:T[:BETA_START:BETA_END] "
+                                           "(e.g. linear:1000; default: the input's own or the preset's)")
+    parser.add_argument("--latent_scale", type=float,
+                        help="U-Net: the factor its latents were multiplied by in training (LDM's scale_factor; "
+                             "IIDM: 1; default: the input's own or the preset's)")
     jittor_env.add_arguments(parser)
     return parser
 
@@ -194,7 +231,14 @@ def main(argv=None) -> int:
         extra["stored_dtype"] = args.dtype
     if info.values:
         extra["source_values"] = info.values
-    save_checkpoint(args.output, out, kind=args.kind, config=config.to_dict(), extra=extra)
+    checkpoint_config = {"network": config.to_dict()}
+    if args.kind == "unet":
+        try:
+            checkpoint_config["diffusion"] = unet_diffusion(args, stored)
+        except WeightsError as exc:
+            print(f"convert_weights: {exc}", file=sys.stderr)
+            return 1
+    save_checkpoint(args.output, out, kind=args.kind, config=checkpoint_config, extra=extra)
     print(f"wrote {args.output}: {len(out)} weights checked against the {args.kind} network ({described})")
     return 0
 

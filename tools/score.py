@@ -3,20 +3,20 @@ similarity S and the total T (the IIDM paper's Eq. 8; the third Jittor AI Challe
 
     T = M/100 * [0.2*A + 0.3*(S*0.5 + 50) + 0.5*(100 - FID)]      (all in percent, FID capped at 100)
 
-    python tools/score.py --results OUT --input_path MASKS --img_path TRAIN_ROOT \
+    python -m tools.score --results OUT --input_path MASKS --img_path TRAIN_ROOT \
         [--segmenter CKPT] [--aesthetic CKPT] [--inception pt_inception-2015-12-05-6726825d.pth] \
         [--style_mode challenge|corrected] [--csv FILE] [--json FILE]
-    python tools/score.py total --M 94.15 --A 50.43 --FID 30.75 --S 63.76
+    python -m tools.score total --M 94.15 --A 50.43 --FID 30.75 --S 63.76
 
 Layout: ``MASKS/NAME.png`` with ``MASKS/label_to_img.json`` (or ``--mapping FILE``) naming each
 mask's reference ``REF.jpg`` in ``TRAIN_ROOT/imgs``; results ``OUT/NAME.jpg``. Every mask must have its result: a
 missing one is an error that names it, before anything is scored.
 
-* S (tools/style_similarity.py) needs no model. ``--style_mode challenge`` (default) reproduces the
+* S (scoring/style_similarity.py) needs no model. ``--style_mode challenge`` (default) reproduces the
   organisers' script, uint8 quirks included; ``corrected`` computes what it meant to. Both are in
   the JSON summary.
-* M needs a segmenter trained by tools/train_segmenter.py; A a NIMA checkpoint (tools/aesthetic.py);
-  FID pytorch-fid's Inception weights (tools/fid.py), against all photos of ``TRAIN_ROOT/imgs``,
+* M needs a segmenter trained by tools/train_segmenter.py; A a NIMA checkpoint (scoring/aesthetic.py);
+  FID pytorch-fid's Inception weights (scoring/fid.py), against all photos of ``TRAIN_ROOT/imgs``,
   whose statistics are cached (``--fid_cache``). The organisers' SegFormer and aesthetic model are
   not public, so M and A from plug-in models estimate the challenge's, they do not reproduce them.
 * A metric whose model is not given is reported as skipped, and T is then not computed: the
@@ -41,14 +41,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jittor_env  # noqa: E402
-from datasets import DataError, TestSet, load_label  # noqa: E402
-from datasets.io import IMAGE_SUFFIXES, atomic_write  # noqa: E402
-from datasets.landscape import find_image_folder  # noqa: E402
-from tools.style_similarity import DEFAULT_MODE, MODES, ImageReadError, read_bgr, style_similarity  # noqa: E402
+import jittor_env
+from datasets import DataError, TestSet, load_label
+from datasets.io import IMAGE_SUFFIXES, atomic_write
+from datasets.landscape import find_image_folder
+from scoring.style_similarity import DEFAULT_MODE, MODES, ImageReadError, read_bgr, style_similarity
 
 log = logging.getLogger("iidm.score")
 
@@ -165,9 +163,9 @@ def score_results(results: Path, mask_dir: Path, img_root: Path, style_mode: str
     paths = _result_paths(Path(results), test_set.names)
     other_mode = next(m for m in MODES if m != style_mode)
     if segmenter is not None:
-        from tools.segmenter import mask_accuracy
+        from scoring.segmenter import mask_accuracy
     if aesthetic is not None:
-        from tools.aesthetic import aesthetic_percent
+        from scoring.aesthetic import aesthetic_percent
     images, other = [], []
     start = time.time()
     for index, (name, path) in enumerate(zip(test_set.names, paths)):
@@ -222,7 +220,7 @@ def score_results(results: Path, mask_dir: Path, img_root: Path, style_mode: str
 
 
 def _fid(paths, img_root, inception, inception_path, fid_cache, batch_size):
-    from tools import fid
+    from scoring import fid
 
     feature_fn = fid.inception_features(inception)
     train_paths = training_images(img_root)
@@ -297,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mapping", type=Path,
                         help="mask -> reference JSON (default INPUT_PATH/label_to_img.json)")
     parser.add_argument("--segmenter", type=Path, help="segmenter checkpoint (tools/train_segmenter.py) for M")
-    parser.add_argument("--aesthetic", type=Path, help="NIMA checkpoint for A (tools/aesthetic.py)")
+    parser.add_argument("--aesthetic", type=Path, help="NIMA checkpoint for A (scoring/aesthetic.py)")
     parser.add_argument("--inception", type=Path,
                         help="pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth) for FID")
     parser.add_argument("--style_mode", choices=MODES, default=DEFAULT_MODE,
@@ -337,13 +335,13 @@ def _load_models(args):
         return models
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     if args.segmenter:
-        from tools.segmenter import load_segmenter
+        from scoring.segmenter import load_segmenter
         models["segmenter"] = load_segmenter(args.segmenter)
     if args.aesthetic:
-        from tools.aesthetic import load_aesthetic
+        from scoring.aesthetic import load_aesthetic
         models["aesthetic"] = load_aesthetic(args.aesthetic)
     if args.inception:
-        from tools.fid import load_inception
+        from scoring.fid import load_inception
         models["inception"] = load_inception(args.inception)
     return models
 
@@ -354,7 +352,7 @@ def main(argv=None) -> int:
         return main_total(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    from ldm.checkpoint import WeightsError
+    from weights.checkpoint import WeightsError
 
     try:
         models = _load_models(args)

@@ -1,6 +1,6 @@
-"""Train the plug-in segmenter (tools/segmenter.py) on a training root, for the mask accuracy M.
+"""Train the plug-in segmenter (scoring/segmenter.py) on a training root, for the mask accuracy M.
 
-    python tools/train_segmenter.py TRAIN_ROOT --out segmenter.safetensors \
+    python -m tools.train_segmenter TRAIN_ROOT --out segmenter.safetensors \
         [--height 384 --width 512 --steps 5000 --batch_size 8 --lr 1e-3 --widths 32,64,128,256,256]
 
 Samples are drawn at random (with a left-right flip half of the time), the loss is the per-pixel
@@ -20,10 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jittor_env  # noqa: E402
+import jittor_env
 
 log = logging.getLogger("iidm.train_segmenter")
 
@@ -50,7 +48,7 @@ def train_segmenter(dataset, config, steps: int, batch_size: int = 8, lr: float 
     import jittor as jt
     from jittor import nn
 
-    from tools.segmenter import Segmenter, to_input
+    from scoring.segmenter import Segmenter, to_input
 
     if steps < 1 or batch_size < 1:
         raise ValueError(f"need steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
@@ -105,8 +103,8 @@ def main(argv=None) -> int:
         return 2
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     from datasets import DataError, TrainingSet
-    from ldm.checkpoint import module_arrays, save_checkpoint
-    from tools.segmenter import CHECKPOINT_KIND, SegmenterConfig
+    from weights.checkpoint import module_arrays, save_checkpoint
+    from scoring.segmenter import CHECKPOINT_KIND, SegmenterConfig
 
     try:
         config = SegmenterConfig(widths=widths, height=args.height, width=args.width)
@@ -125,7 +123,7 @@ def main(argv=None) -> int:
     model, history = train_segmenter(dataset, config, args.steps, args.batch_size, args.lr,
                                      seed=args.seed, log_every=args.log_every, on_log=report)
     step, loss, accuracy = history[-1]
-    save_checkpoint(args.out, module_arrays(model), CHECKPOINT_KIND, config.to_dict(),
+    save_checkpoint(args.out, module_arrays(model), CHECKPOINT_KIND, {"network": config.to_dict()},
                     extra={"step": step, "loss": loss, "train_batch_pixel_accuracy": accuracy,
                            "train_root": str(args.train_root), "images": len(dataset),
                            "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed})

@@ -19,7 +19,7 @@ RGB in [0, 1], optionally normalised with ImageNet's mean and std (``input_norm`
 configurations (fewer channels, a smaller crop) serve tests and quick experiments.
 
 Weights: a checkpoint of this project (kind "aesthetic", config inside), or any state dict with
-the default VGG16 configuration's names that ``ldm.foreign_weights.read_weights`` can read.
+the default VGG16 configuration's names that ``weights.foreign.read_weights`` can read.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import jittor_env  # noqa: F401  (must precede any import of jittor)
 import jittor as jt
 from jittor import nn
 
-from ldm.checkpoint import FORMAT_NAME, WeightsError, load_weights
+from weights.checkpoint import FORMAT_NAME, WeightsError, config_from_dict, load_weights
 
 CHECKPOINT_KIND = "aesthetic"
 INPUT_NORMS = ("unit", "imagenet")
@@ -78,11 +78,7 @@ class NimaConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "NimaConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise WeightsError(f"aesthetic config has unknown field(s) {unknown}; expected {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, source="aesthetic config")
 
 
 class NIMA(nn.Module):
@@ -144,14 +140,15 @@ def aesthetic_percent(model: NIMA, images: list[np.ndarray]) -> np.ndarray:
 def load_aesthetic(path: str | os.PathLike) -> NIMA:
     """A NIMA from this project's checkpoint (its config inside) or, for any other weight file,
     the default VGG16 configuration with the weights checked name by name. Eval mode."""
-    from ldm.foreign_weights import read_weights
+    from weights.foreign import read_weights
 
     arrays, info = read_weights(path)
     checkpoint = info.checkpoint if info.format == "iidm-safetensors" else None
     if checkpoint is not None:
         if checkpoint["kind"] != CHECKPOINT_KIND:
             raise WeightsError(f"{path}: a {checkpoint['kind']!r} checkpoint, expected {CHECKPOINT_KIND!r}")
-        config = NimaConfig.from_dict(checkpoint["config"])
+        config = config_from_dict(NimaConfig, checkpoint["config"].get("network", {}), complete=True,
+                                  source=str(path))
     else:
         config = NimaConfig()
     model = NIMA(config)

@@ -33,7 +33,7 @@ import jittor as jt
 from jittor import nn
 
 from datasets import NUM_CLASSES, resize_image, resize_label
-from ldm.checkpoint import WeightsError, load_weights, read_checkpoint
+from weights.checkpoint import WeightsError, config_from_dict, load_checkpoint, load_weights
 
 CHECKPOINT_KIND = "segmenter"
 
@@ -59,11 +59,7 @@ class SegmenterConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "SegmenterConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise WeightsError(f"segmenter config has unknown field(s) {unknown}; expected {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, source="segmenter config")
 
 
 class ConvBNReLU(nn.Module):
@@ -140,11 +136,11 @@ def mask_accuracy(model: Segmenter, image: np.ndarray, label: np.ndarray) -> flo
 
 def load_segmenter(path: str | os.PathLike) -> Segmenter:
     """Rebuild a segmenter from a checkpoint written by ``tools/train_segmenter.py`` (eval mode)."""
-    arrays, info = read_checkpoint(path)
-    if info["kind"] != CHECKPOINT_KIND:
-        raise WeightsError(f"{path}: a {info['kind']!r} checkpoint, expected a {CHECKPOINT_KIND!r} "
-                           "checkpoint written by tools/train_segmenter.py")
-    model = Segmenter(SegmenterConfig.from_dict(info["config"]))
-    load_weights(model, arrays, str(path))
+    checkpoint = load_checkpoint(path)
+    if checkpoint.kind != CHECKPOINT_KIND:
+        raise WeightsError(f"{path}: a {checkpoint.kind!r} checkpoint, expected a {CHECKPOINT_KIND!r} "
+                           "checkpoint written by `python -m tools.train_segmenter`")
+    model = Segmenter(checkpoint.network_config(SegmenterConfig))
+    load_weights(model, checkpoint.weights("model"), str(path))
     model.eval()
     return model

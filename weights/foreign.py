@@ -18,7 +18,7 @@ Formats, recognised by content rather than by suffix:
 * Jittor ``.pkl`` (``jt.save``): a protocol-4 pickle of dicts of ``jittor_core.Var`` (each pickled
   as a numpy array), followed by its SHA-1 and ``b"HCAJSLHD"``; the checksum is verified.
 * Plain pickles of dicts of numpy arrays.
-* safetensors: this project's checkpoints (``ldm.checkpoint.read_checkpoint``, config and all)
+* safetensors: this project's checkpoints (``weights.checkpoint.read_checkpoint``, config and all)
   and plain safetensors files.
 
 Safety policy. Unpickling goes through ``RestrictedUnpickler``, whose ``find_class`` hands out only
@@ -56,7 +56,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from ldm.checkpoint import FORMAT_NAME, WeightsError, read_checkpoint
+from weights.checkpoint import FORMAT_NAME, WeightsError, read_checkpoint
 
 JITTOR_MARKER = b"HCAJSLHD"
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C

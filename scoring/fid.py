@@ -18,7 +18,7 @@ is torchvision's Inception3 patched to match TensorFlow's FID graph:
 
 Parameter names are torchvision's (``Conv2d_1a_3x3.conv.weight``, ``Mixed_5b.branch_pool.bn.running_var``
 ...), so ``pt_inception-2015-12-05-6726825d.pth`` loads by name through the safe reader
-``ldm.foreign_weights.read_weights``; its ``fc.*`` (the 1008-way classifier, unused for pool3) and
+``weights.foreign.read_weights``; its ``fc.*`` (the 1008-way classifier, unused for pool3) and
 any ``num_batches_tracked`` counters are left out, everything else is checked name by name.
 
 Images are read like pytorch-fid reads them (PIL, converted to RGB, /255). Statistics are float64
@@ -46,7 +46,7 @@ from jittor import nn
 
 from datasets import load_image
 from datasets.io import atomic_write
-from ldm.checkpoint import load_weights
+from weights.checkpoint import load_weights
 
 log = logging.getLogger("iidm.fid")
 
@@ -281,8 +281,8 @@ def inception_from_arrays(arrays: Mapping[str, np.ndarray], source: str = "weigh
 
 def load_inception(path: str | os.PathLike) -> FIDInceptionV3:
     """Load pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (or the same weights in any format
-    ``ldm.foreign_weights.read_weights`` reads) without torch and without unpickling code."""
-    from ldm.foreign_weights import read_weights
+    ``weights.foreign.read_weights`` reads) without torch and without unpickling code."""
+    from weights.foreign import read_weights
 
     arrays, info = read_weights(path)
     for line in info.describe():

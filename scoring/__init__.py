@@ -1,0 +1,3 @@
+"""The challenge's metrics as a library: style similarity of colour histograms, FID with the
+FID variant of InceptionV3, mask accuracy through a segmenter plug-in, and the aesthetic score
+through a NIMA plug-in. ``python -m tools.score`` is the command that puts them together."""

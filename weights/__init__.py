@@ -1,0 +1,6 @@
+"""Weight files: this project's self-describing checkpoints (``weights.checkpoint``) and the
+readers of PyTorch, Lightning and Jittor files that execute nothing (``weights.foreign``).
+
+Numpy only: every network package loads and saves through here, and this package imports none
+of them.
+"""
