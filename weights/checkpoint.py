@@ -100,9 +100,13 @@ def load_weights(module, state: Mapping[str, Any], source: str = "weights") -> N
     import jittor as jt
 
     check_state_dict(module_shapes(module), state, source)
+    loaded = []
     for name, var in module.state_dict().items():
         value = np.asarray(state[name]).astype(str(var.dtype), copy=False)
         var.update(jt.array(np.ascontiguousarray(value)))
+        loaded.append(var)
+    # Executed now: an unexecuted array op fused into a later kernel has failed to compile in Jittor 1.3.11.
+    jt.sync(loaded)
 
 
 def module_arrays(module) -> dict[str, np.ndarray]:
