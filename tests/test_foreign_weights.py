@@ -421,14 +421,24 @@ def test_select_weights_and_find_prefix():
 
 
 # ----------------------------------------------------------------------------------- converter
+def project_config(path, network):
+    """A --config file in this project's layout: the tiny presets' group norms (4) are not
+    upstream's (32), so a foreign file built with them must say so."""
+    import json
+
+    path.write_text(json.dumps({"network": network.to_dict()}))
+    return str(path)
+
+
 def test_converter_round_trip_and_plain_word_report(jt, tmp_path, capsys):
-    from autoencoder.vqmodel import load_vqmodel
+    from autoencoder.vqmodel import load_vqmodel, vq_config
     from weights.checkpoint import module_arrays
     from tools.convert_weights import main
 
     weights = taming_state()
     write_lightning(tmp_path / "last.ckpt", {**weights, **loss_state()})
-    assert main(["--kind", "vqmodel", "--preset", "tiny", str(tmp_path / "last.ckpt"), str(tmp_path / "vq.safetensors")]) == 0
+    tiny = project_config(tmp_path / "tiny.json", vq_config("tiny"))
+    assert main(["--kind", "vqmodel", "--config", tiny, str(tmp_path / "last.ckpt"), str(tmp_path / "vq.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "ignored 3 training-only weight(s) under 'loss.'" in out
     assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in out
@@ -461,11 +471,12 @@ def test_converter_round_trip_and_plain_word_report(jt, tmp_path, capsys):
     prefixed["model.diffusion_model.out.2.weight"] = np.zeros((3, 4, 3, 3), np.float32)
     tensors, storages = tensors_of(prefixed)
     write_torch_zip(tmp_path / "ldm.ckpt", {"state_dict": tensors}, storages)
-    assert main(["--preset", "tiny", str(tmp_path / "ldm.ckpt"), str(tmp_path / "from_ldm.safetensors")]) == 0
+    assert main(["--config", tiny, str(tmp_path / "ldm.ckpt"), str(tmp_path / "from_ldm.safetensors")]) == 0
     assert "weights under 'first_stage_model.'" in capsys.readouterr().out
 
 
 def test_converter_lists_misfits_and_writes_nothing(jt, tmp_path, capsys):
+    from autoencoder.vqmodel import vq_config
     from tools.convert_weights import main
 
     weights = taming_state()
@@ -474,7 +485,8 @@ def test_converter_lists_misfits_and_writes_nothing(jt, tmp_path, capsys):
     weights["quant_conv.weight"] = np.zeros((3, 3, 3, 3), np.float32)
     tensors, storages = tensors_of(weights)
     write_torch_zip(tmp_path / "bad.pth", tensors, storages)
-    assert main(["--preset", "tiny", str(tmp_path / "bad.pth"), str(tmp_path / "out.safetensors")]) == 1
+    tiny = project_config(tmp_path / "tiny.json", vq_config("tiny"))
+    assert main(["--config", tiny, str(tmp_path / "bad.pth"), str(tmp_path / "out.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "nothing was written" in err
     assert "The file lacks 1 weight(s) the network needs:\n  decoder.norm_out.bias (8,)" in err
@@ -499,7 +511,8 @@ def test_converter_unet_from_sdm_state_dict_and_class_count_mismatch(jt, tmp_pat
                  for k, v in module_arrays(UNetModel(unet_preset("tiny"))).items()}
     tensors, storages = tensors_of({f"module.{k}": v for k, v in reference.items()})
     write_torch_zip(tmp_path / "ema_0.9999_000100.pt", tensors, storages)
-    assert main(["--kind", "unet", "--preset", "tiny", str(tmp_path / "ema_0.9999_000100.pt"),
+    tiny = project_config(tmp_path / "tiny.json", unet_preset("tiny"))
+    assert main(["--kind", "unet", "--config", tiny, str(tmp_path / "ema_0.9999_000100.pt"),
                  str(tmp_path / "unet.safetensors"), "--schedule", "linear:1000", "--latent_scale", "1"]) == 0
     assert "weights under 'module.'" in capsys.readouterr().out
     arrays, info = read_checkpoint(tmp_path / "unet.safetensors")
@@ -514,7 +527,7 @@ def test_converter_unet_from_sdm_state_dict_and_class_count_mismatch(jt, tmp_pat
     wrong = {k: v for k, v in module_arrays(UNetModel(unet_preset("tiny", num_classes=30))).items()}
     tensors, storages = tensors_of(wrong)
     write_torch_zip(tmp_path / "thirty.pt", tensors, storages)
-    assert main(["--kind", "unet", "--preset", "tiny", str(tmp_path / "thirty.pt"),
+    assert main(["--kind", "unet", "--config", tiny, str(tmp_path / "thirty.pt"),
                  str(tmp_path / "bad.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "nothing was written" in err
