@@ -8,8 +8,9 @@ Formats, recognised by content rather than by suffix:
   one file per storage) and, in newer files, ``PREFIX/byteorder``. A tensor in the pickle is
   ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`` where the storage is a
   persistent id ``('storage', torch.FloatStorage, KEY, location, numel)``; it is rebuilt here with
-  numpy from the storage's dtype, offset, size and stride (bounds checked). Storages are read only
-  for the tensors that are returned. Half stays float16; BFloat16 becomes float32 (numpy has none).
+  numpy from the storage's dtype, offset, size and stride (bounds checked). A storage member is
+  read up to the bytes the pickle says it holds and no further; a compressed member declaring more
+  is refused before it is inflated. Half stays float16; BFloat16 becomes float32 (numpy has none).
 * PyTorch's legacy (pre-1.6, non-zip) format, e.g. pytorch-fid's Inception weights: pickles of
   the magic number, the protocol version, the system info, the object tree (storage ids with one
   more field, a view, which must be None) and the storage key list, then each storage as an int64
@@ -18,10 +19,16 @@ Formats, recognised by content rather than by suffix:
 * Jittor ``.pkl`` (``jt.save``): a protocol-4 pickle of dicts of ``jittor_core.Var`` (each pickled
   as a numpy array), followed by its SHA-1 and ``b"HCAJSLHD"``; the checksum is verified.
 * Plain pickles of dicts of numpy arrays.
-* safetensors: this project's checkpoints (``weights.checkpoint.read_checkpoint``, config and all)
+* safetensors: this project's checkpoints (their config read by ``weights.checkpoint.checkpoint_info``)
   and plain safetensors files.
 
-Safety policy. Unpickling goes through ``RestrictedUnpickler``, whose ``find_class`` hands out only
+Reading is lazy (``open_weights``): the object tree is unpickled, but each array stays in the file
+as a ``LazyArray`` (its shape and dtype known) until ``numpy()`` reads it: zip members and legacy
+storages are read when asked, and pickled arrays are skipped over by a pure-Python unpickler that
+keeps their byte ranges. So a caller that converts and writes arrays one by one never holds the
+whole file; ``read_weights`` reads everything, for small files.
+
+Safety policy. Unpickling goes through the restricted unpicklers, whose ``find_class`` hands out only
 a fixed whitelist: ``collections.OrderedDict``, the torch tensor/parameter/storage rebuilders,
 numpy's array/dtype/scalar reconstruction, Jittor's ``Var`` (as "the array inside it") and
 ``_codecs.encode`` for latin-1 bytes. Each is replaced by a function written here that builds
@@ -728,7 +735,7 @@ def _flatten(obj, prefix: str, source: str, out: dict, plain: dict, seen: set[in
     refused = _refused_name(obj)
     if refused:
         raise _refusal(source, refused, f" (found at '{prefix}')" if prefix else " (as the file content)")
-    if isinstance(obj, (_ArrayProxy, _TensorRef, np.ndarray, np.generic)):
+    if isinstance(obj, (_ArrayProxy, _TensorRef, LazyArray, np.ndarray, np.generic)):
         out[prefix] = obj
     elif obj is None or isinstance(obj, (bool, int, float, str)):
         plain[prefix] = obj
