@@ -252,6 +252,11 @@ def test_an_sdm_model_of_demo_size_converts_with_its_config_not_the_demo_preset(
     for name, value in state.items():
         np.testing.assert_array_equal(arrays[name], value)
 
+    # This project's JSON layout must state every field (norm_groups above all).
+    partial = {k: v for k, v in network.items() if k != "norm_groups"}
+    assert main([source, str(out), "--config", write(tmp_path / "partial.json", json.dumps({"network": partial}))]) == 1
+    assert "lacks the field(s) norm_groups" in capsys.readouterr().err
+
     # --latent_scale makes no sense for a pixel model; --preset and --config must agree.
     assert main([source, str(out), "--config", flags, "--latent_scale", "0.18"]) == 1
     assert "this U-Net diffuses pixels" in capsys.readouterr().err

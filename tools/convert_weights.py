@@ -159,23 +159,27 @@ def choose_network(kind_name: str, args, upstream: UpstreamConfig | None,
     project's checkpoint) wins; --preset and --config must agree with it and with each other; a
     preset alone may describe a foreign file only if it keeps what upstream code fixes."""
     kind = KINDS[kind_name]
+
+    def complete(network: Mapping[str, Any], source: str) -> dict[str, Any]:
+        return config_from_dict(kind.config_class(), network, complete=True, source=source).to_dict()
+
     preset = kind.config_from_preset(args.preset).to_dict() if args.preset else None
     stated = []
+    if stored is not None and isinstance(stored.get("config", {}).get("network"), Mapping):
+        stated.append(("the input's own config", complete(stored["config"]["network"], args.input)))
     if preset is not None:
         stated.append((f"--preset {args.preset}", preset))
     if upstream is not None:
-        stated.append((f"--config {args.config}", upstream.network))
-    if stored is not None and isinstance(stored.get("config", {}).get("network"), Mapping):
-        stated.insert(0, ("the input's own config", dict(stored["config"]["network"])))
+        stated.append((f"--config {args.config}", complete(upstream.network, f"--config {args.config}")))
     for (first, a), (second, b) in zip(stated, stated[1:]):
         differ = disagreements(kind_name, a, b)
         if differ:
             raise Refusal(f"{first} and {second} describe different networks: " + "; ".join(differ))
-    if stored is not None and stated and stated[0][0] == "the input's own config":
+    if stated and stated[0][0] == "the input's own config":
         diffusion = stored["config"].get("diffusion")
         return stated[0][1], "the input's own config", dict(diffusion) if isinstance(diffusion, Mapping) else None
     if upstream is not None:
-        return dict(upstream.network), f"--config {args.config}: {upstream.origin}", upstream.diffusion
+        return stated[-1][1], f"--config {args.config}: {upstream.origin}", upstream.diffusion
     name = args.preset or kind.default_preset
     network = preset if preset is not None else kind.config_from_preset(name).to_dict()
     departs = deviations(kind_name, network)
@@ -319,7 +323,7 @@ def convert(args) -> int:
     if args.preset is not None and args.preset not in kind.presets():
         raise Refusal(f"unknown {kind_name} preset {args.preset!r}; choose one of {', '.join(kind.presets())}")
     network, described, diffusion_base = choose_network(kind_name, args, upstream, stored)
-    config = config_from_dict(kind.config_class(), network, complete=True, source=described)
+    config = kind.config_class().from_dict(network)
 
     prefix = args.prefix if args.prefix is not None else anchor_prefix(
         [n for n in names if not n.startswith(kind.drop)], kind)
