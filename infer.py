@@ -51,7 +51,8 @@ def build_parser() -> cli.ArgumentParser:
                             "with --mask, the output image itself")
     batch.add_argument("--mapping", type=Path, help=f"mask -> reference JSON (default INPUT_PATH/{MAPPING_FILE})")
     batch.add_argument("--overwrite", action="store_true", help="regenerate outputs that already exist")
-    batch.add_argument("--gallery", action="store_true", help="also write OUTPUT_PATH/gallery.html (the demo always does)")
+    batch.add_argument("--gallery", action="store_true",
+                       help="also write OUTPUT_PATH/gallery.html (the demo always does)")
     quick = parser.add_argument_group("one image")
     quick.add_argument("--mask", type=Path, help="one label PNG (written to --output_path, replaced if present)")
     quick.add_argument("--ref", type=Path, help="its style reference photo")
@@ -60,7 +61,8 @@ def build_parser() -> cli.ArgumentParser:
                        help="U-Net checkpoint; give it several times to average them")
     model.add_argument("--weights", choices=WEIGHT_SETS, default="ema",
                        help="which weights of a training checkpoint to use (default ema)")
-    model.add_argument("--vq", type=Path, help="autoencoder checkpoint (default: vq.safetensors beside the first --ckpt)")
+    model.add_argument("--vq", type=Path,
+                       help="autoencoder checkpoint (default: vq.safetensors beside the first --ckpt)")
     model.add_argument("--preset", choices=PRESETS,
                        help="iidm (default): the official recipe, 1280 U-Net passes per image; the solver "
                             "presets (the demo's default: fast) reach its accuracy with far fewer; pure-noise: "
@@ -87,7 +89,8 @@ def parse_steps(text: str | None):
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--steps must be a positive integer or a comma-separated list of them, got {text!r}") from None
+        raise ValueError(f"--steps must be a positive integer or a comma-separated list of them, "
+                         f"got {text!r}") from None
     if any(v < 1 for v in values):
         raise ValueError(f"--steps must be >= 1, got {text!r}")
     return values[0] if len(values) == 1 else values

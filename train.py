@@ -133,7 +133,7 @@ def autoencoder_stage(args) -> str:
     from dataclasses import replace
 
     from autoencoder.losses import LossConfig
-    from autoencoder.training import TrainConfig, stored_configs, train_autoencoder
+    from autoencoder.training import AutoencoderTrainConfig, stored_configs, train_autoencoder
     from autoencoder.vqmodel import vq_config
 
     if args.resume:
@@ -141,7 +141,7 @@ def autoencoder_stage(args) -> str:
         if args.preset and vq_config(args.preset) != model_config:
             raise ValueError(f"{args.output_path} trains another autoencoder than --preset {args.preset}; leave it out")
     else:
-        model_config, loss_config, train_config = vq_config(args.preset or "vq-f4"), LossConfig(), TrainConfig()
+        model_config, loss_config, train_config = vq_config(args.preset or "vq-f4"), LossConfig(), AutoencoderTrainConfig()
     if args.disc_start is not None:
         loss_config = replace(loss_config, disc_start=args.disc_start)
     train_config = replace(train_config, **given_options(args, COMMON + ("height", "width", "codebook_restart")))

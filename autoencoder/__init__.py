@@ -11,7 +11,7 @@ _EXPORTS = {
     "PRESETS": "autoencoder.vqmodel", "load_vqmodel": "autoencoder.vqmodel", "save_vqmodel": "autoencoder.vqmodel",
     "VectorQuantizer": "autoencoder.quantize", "LossConfig": "autoencoder.losses",
     "VQLPIPSWithDiscriminator": "autoencoder.losses", "LPIPS": "autoencoder.lpips", "load_lpips": "autoencoder.lpips",
-    "NLayerDiscriminator": "autoencoder.discriminator", "TrainConfig": "autoencoder.training",
+    "NLayerDiscriminator": "autoencoder.discriminator", "AutoencoderTrainConfig": "autoencoder.training",
     "train_autoencoder": "autoencoder.training",
 }
 

@@ -5,7 +5,7 @@ its Adam, then, from ``disc_start`` on, the discriminator step (hinge) with its 
 betas (0.5, 0.9) as in LDM. The discriminator sees the reconstructions of this step's forward
 pass (the reference's Lightning loop runs the autoencoder forward a second time after its update;
 reusing it saves a third of the compute). Learning rate: LDM scales its base rate 4.5e-6 by the
-batch size (and GPU count); ``TrainConfig.lr`` None means 4.5e-6 x batch_size.
+batch size (and GPU count); ``AutoencoderTrainConfig.lr`` None means 4.5e-6 x batch_size.
 
 Data: ``datasets.TrainingSet`` photos at (height, width) -> float32 [B, 3, H, W] in [-1, 1], flipped
 left-right with probability 1/2. The batches are a pure function of (seed, step): a fresh permutation
@@ -61,7 +61,7 @@ USAGE_KEY = "code_usage"   # int64 [n_embed]: choices of each code since the las
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class AutoencoderTrainConfig:
     height: int = 384
     width: int = 512
     batch_size: int = 8
@@ -154,7 +154,7 @@ class AutoencoderTask(Task):
     kind = KIND
     name = "autoencoder"
 
-    def __init__(self, dataset: Sequence, model_config: VQConfig, loss_config: LossConfig, cfg: TrainConfig,
+    def __init__(self, dataset: Sequence, model_config: VQConfig, loss_config: LossConfig, cfg: AutoencoderTrainConfig,
                  perceptual=None, data_name: str = ""):
         self.dataset, self.model_config, self.loss_config, self.cfg = dataset, model_config, loss_config, cfg
         self.data_name = data_name
@@ -263,24 +263,26 @@ def stored_run(out_dir: str | os.PathLike) -> dict[str, Any]:
     return checkpoint.config
 
 
-def stored_configs(out_dir: str | os.PathLike) -> tuple[VQConfig, LossConfig, TrainConfig]:
+def stored_configs(out_dir: str | os.PathLike) -> tuple[VQConfig, LossConfig, AutoencoderTrainConfig]:
     """The model, loss and training configs stored in a run's checkpoint (to resume with the same
     options without repeating them)."""
     config = stored_run(out_dir)
-    return (VQConfig.from_dict(config["network"]), LossConfig(**config["loss"]), TrainConfig(**config["train"]))
+    return (VQConfig.from_dict(config["network"]), LossConfig(**config["loss"]),
+            AutoencoderTrainConfig(**config["train"]))
 
 
 def train_autoencoder(data: str | os.PathLike | Sequence, out_dir: str | os.PathLike,
                       model_config: VQConfig | None = None, loss_config: LossConfig = LossConfig(),
-                      train_config: TrainConfig = TrainConfig(), *, lpips_vgg: str | None = None,
+                      train_config: AutoencoderTrainConfig = AutoencoderTrainConfig(), *, lpips_vgg: str | None = None,
                       lpips_heads: str | None = None, resume: bool = False, init: str | None = None,
                       progress: bool = True) -> dict[str, Any]:
     """Train (or resume training) until ``train_config.max_steps``; returns the final step, the
     checkpoint path and the first and last logged terms of this run.
 
     ``data``: a training root (imgs/ + labels/) or a sequence of uint8 [H, W, 3] photos (or items
-    with ``.image``); on resume, None reuses the run's own root. ``init``: a "vqmodel" checkpoint to start from (fine-tuning). Without LPIPS
-    weight files the perceptual term is left out, with one warning."""
+    with ``.image``); on resume, None reuses the run's own root. ``init``: a "vqmodel" checkpoint
+    to start from (fine-tuning). Without LPIPS weight files the perceptual term is left out, with
+    one warning."""
     if resume and model_config is None:
         model_config = stored_configs(out_dir)[0]
     if resume and data is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from datasets.classes import CLASS_NAMES, NUM_CLASSES
+from datasets.classes import NUM_CLASSES
 
 
 class DataError(ValueError):
@@ -41,8 +41,3 @@ def one_hot(label: np.ndarray, num_classes: int = NUM_CLASSES, dtype=np.float32)
     classes = np.arange(num_classes, dtype=label.dtype).reshape(num_classes, 1, 1)
     return (label[..., None, :, :] == classes).astype(dtype)
 
-
-def class_histogram(label: np.ndarray, num_classes: int = NUM_CLASSES) -> dict[str, int]:
-    """Pixel count of each class present in ``label``, by class name."""
-    counts = np.bincount(np.asarray(label).ravel(), minlength=num_classes)
-    return {CLASS_NAMES[i]: int(c) for i, c in enumerate(counts) if c and i < len(CLASS_NAMES)}

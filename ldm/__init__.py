@@ -14,7 +14,7 @@ _LAZY = {
     "p_mean_variance": "diffusion", "predict_xstart_from_eps": "diffusion",
     "predict_eps_from_xstart": "diffusion",
     "training_losses": "losses", "normal_kl": "losses",
-    "discretized_gaussian_log_likelihood": "losses", "sample_timesteps": "losses",
+    "discretized_gaussian_log_likelihood": "losses",
     "ddim_step": "samplers", "ddpm_step": "samplers",
     "ddim_sample": "samplers", "ddpm_sample": "samplers", "dpm_solver_pp_2m": "samplers",
     "img2img_start": "samplers", "img2img": "samplers", "PerImageNoise": "samplers",

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import jittor_env  # noqa: F401  (must precede any import of jittor)
 import jittor as jt
 
@@ -108,7 +106,3 @@ def training_losses(schedule: Schedule, model_fn: ModelFn, x_start: jt.Var, t: j
         terms["loss"] = terms["mse"]
     return terms
 
-
-def sample_timesteps(rng: np.random.Generator, batch: int, num_timesteps: int) -> jt.Var:
-    """Training timesteps drawn uniformly from [0, T) (guided-diffusion's UniformSampler), int32 [B]."""
-    return jt.array(rng.integers(0, num_timesteps, size=batch).astype(np.int32))

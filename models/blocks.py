@@ -6,7 +6,8 @@ uses plain ``ResBlock``s, the middle and the decoder use ``SDMResBlock``s whose 
 are SPADE norms driven by the one-hot mask. Module and parameter names are SDM's, so SDM ``.pt``
 and IIDM ``.pkl`` weights load by name. Differences that do not change results: Jittor's
 ``execute`` instead of ``forward``; blocks are called ``(x, emb, mask)`` (SDM: ``(x, cond, emb)``);
-no gradient checkpointing (Jittor has none that saves memory, DESIGN §7).
+gradient checkpointing is a pass over whole blocks outside them (``models/staged.py``) instead of
+guided-diffusion's per-block ``checkpoint`` flag.
 
 Shapes: ``x`` [B, C, H, W]; ``emb`` [B, 4 * model_channels]; ``mask`` [B, num_classes, H0, W0] at
 the latent resolution (each SPADE norm resizes it to its own level, nearest).

@@ -61,7 +61,7 @@ class UNetConfig:
     use_fp16              run the torso in float16 (CUDA only; as SDM's ``convert_to_fp16``).
 
     ``attention_resolutions`` are downsample factors (1 = the input resolution). SDM options not
-    offered: ``dims`` (2 only), ``use_checkpoint`` (Jittor has no memory-saving checkpointing),
+    offered: ``dims`` (2 only), ``use_checkpoint`` (``models/staged.py`` recomputes whole blocks instead),
     ``use_new_attention_order`` (the released SDM and IIDM weights use the legacy order),
     ``image_size`` (the network does not need it).
     """
@@ -139,7 +139,7 @@ class UNetConfig:
         return config_from_dict(cls, data)
 
 
-# Presets. "iidm" is the IIDM landscape model (DESIGN §5, the official image_train.py defaults:
+# Presets. "iidm" is the IIDM landscape model (the official image_train.py defaults:
 # latent 3x96x128, attention at 24x32, 12x16, 6x8). "demo" trains on a 2-core CPU for 3x24x32
 # latents. "tiny" is for tests (any H, W divisible by 2).
 UNET_PRESETS: dict[str, dict[str, Any]] = {

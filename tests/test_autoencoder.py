@@ -160,12 +160,12 @@ STEPS, DISC_START = 12, 10
 
 def _train(root, out, max_steps, resume=False):
     from autoencoder.losses import LossConfig
-    from autoencoder.training import TrainConfig, train_autoencoder
+    from autoencoder.training import AutoencoderTrainConfig, train_autoencoder
     from autoencoder.vqmodel import vq_config
 
     return train_autoencoder(root, out, vq_config("tiny"), LossConfig(disc_start=DISC_START),
-                             TrainConfig(height=HEIGHT, width=WIDTH, batch_size=BATCH, lr=2e-3, max_steps=max_steps,
-                                         sample_every=4, save_every=4, seed=0),
+                             AutoencoderTrainConfig(height=HEIGHT, width=WIDTH, batch_size=BATCH, lr=2e-3,
+                                                    max_steps=max_steps, sample_every=4, save_every=4, seed=0),
                              resume=resume, progress=False)
 
 

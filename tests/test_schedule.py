@@ -1,5 +1,5 @@
 """Schedule arrays against closed forms, respacing against guided-diffusion's index rules, and
-the IIDM recipe's stages (DESIGN §5). Numpy only."""
+the IIDM recipe's stages. Numpy only."""
 
 import math
 from fractions import Fraction
@@ -128,7 +128,7 @@ def test_respace_keeps_alphas_cumprod(linear):
 
 
 def test_iidm_recipe_stages():
-    """DESIGN §5: rounds (ddim500, 300), (ddim500, 320), (ddim50, 20). The official code noises to
+    """The IIDM recipe: rounds (ddim500, 300), (ddim500, 320), (ddim50, 20). The official code noises to
     spaced index start_t (timestep = stride * start_t) and denoises from spaced start_t - 1."""
     rounds = [iidm_stage("ddim500", 300), iidm_stage("ddim500", 320), iidm_stage("ddim50", 20)]
     assert [r.start_level for r in rounds] == [600, 640, 400]

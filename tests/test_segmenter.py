@@ -67,7 +67,8 @@ def test_checkpoint_describes_itself_and_reloads_to_the_same_predictions(jt, che
     path, dataset = checkpoint
     _, info = read_checkpoint(path)
     assert info["kind"] == "segmenter-train" and info["extra"]["step"] == 6
-    assert SegmenterConfig.from_dict(info["config"]["network"]) == SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
+    expected = SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
+    assert SegmenterConfig.from_dict(info["config"]["network"]) == expected
     images = np.stack([dataset[i].image for i in range(2)])
     first, second = load_segmenter(path), load_segmenter(path)
     np.testing.assert_array_equal(predict_labels(first, images), predict_labels(second, images))

@@ -265,7 +265,7 @@ def test_nearest_indices_follow_pytorch(jt):
     ((96, 128), (48, 64)), ((96, 128), (24, 32)), ((96, 128), (12, 16)), ((96, 128), (6, 8)),
     ((16, 24), (8, 12)), ((8, 12), (5, 7)), ((6, 8), (13, 17)), ((2, 82), (3, 82))])
 def test_resize_nearest_matches_numpy_gather(jt, in_size, out_size):
-    """Also guards DESIGN §7's trap: numpy arrays passed into Jittor must not be corrupted."""
+    """Also guards the numpy 2 trap: numpy arrays passed into Jittor must not be corrupted."""
     from models.blocks import nearest_indices, resize_nearest
 
     x = np.random.default_rng(0).standard_normal((2, 3) + in_size).astype(np.float32)
