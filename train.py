@@ -1,64 +1,73 @@
-"""Train the autoencoder or the latent diffusion model on your own images and label maps.
+"""Train the autoencoder, the latent diffusion U-Net, or the segmenter that scores mask accuracy.
 
-    python train.py autoencoder --data TRAIN_ROOT --out RUN_DIR [--preset vq-f4|small|tiny] ...
-    python train.py ldm --latents STORE --preset iidm|demo ...
+    python train.py autoencoder --data TRAIN_ROOT --output_path RUN_DIR [--preset vq-f4|small|tiny] ...
+    python train.py ldm --latents STORE --output_path RUN_DIR [--preset iidm|demo|tiny] ...
+    python train.py segmenter --data TRAIN_ROOT --output_path RUN_DIR [--widths 32,64,128,256,256] ...
+    python train.py STAGE --output_path RUN_DIR --resume [--max_steps N ...]   # continue a run
 
-The autoencoder stage trains the VQ-f4 autoencoder (L1 + LPIPS + PatchGAN + codebook loss) on the
-photos of TRAIN_ROOT/imgs; RUN_DIR receives log.jsonl, samples/ and checkpoints/last.safetensors
-(see autoencoder/training.py). Without --lpips_vgg/--lpips_heads it trains without the perceptual
-term and says so.
-
-The ldm stage trains the U-Net on a latent store written by `python -m tools.cache_latents`; RUN_DIR receives
-log.jsonl, samples/ and checkpoints/ (see ldm/training.py and docs/training.md). Under
-``mpirun -np N`` the batch is split across the N ranks and only rank 0 writes.
+Every stage writes RUN_DIR/options.json, log.jsonl (one strict-JSON record per step), samples/ and
+checkpoints/ (last.safetensors, written atomically and kept only once the next step proves it
+finite; step_NNNNNNN.safetensors every --keep_every steps). --resume continues exactly where the
+run stopped, with its stored options except those given again; --seed fixes the initial weights
+and every random draw. The autoencoder stage trains the VQ-f4 autoencoder (L1 + LPIPS + PatchGAN +
+codebook loss) on TRAIN_ROOT/imgs; without --lpips_vgg/--lpips_heads it leaves out the perceptual
+term and says so. The ldm stage trains the U-Net on a latent store written by
+``python -m tools.cache_latents`` (docs/training.md); under ``mpirun -np N`` the batch is split
+across the N ranks and only rank 0 writes. The segmenter stage trains the plug-in segmenter that
+``python -m tools.score --segmenter RUN_DIR/checkpoints/last.safetensors`` uses for M.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
+import cli
 import jittor_env
 
-STAGES = ("autoencoder", "ldm")
-USAGE = 2    # exit status: missing options
-NOT_YET = USAGE  # kept for callers of the earlier release, where the ldm stage did not exist
+STAGES = ("autoencoder", "ldm", "segmenter")
+USAGE = 2    # exit status: bad or missing options
+FAILED = 1   # exit status: the run could not start or stopped
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("stage", choices=STAGES, help="what to train")
     jittor_env.add_arguments(parser)
+    common = parser.add_argument_group("every stage")
+    common.add_argument("--output_path", help="run folder (options, log, samples, checkpoints)")
+    common.add_argument("--resume", action="store_true",
+                        help="continue the run in --output_path from its newest good checkpoint, with its "
+                             "stored options except those given again")
+    common.add_argument("--preset", help="architecture (autoencoder: vq-f4 (default), small, tiny; ldm: iidm "
+                                         "(default), demo, tiny); on --resume the run's own")
+    common.add_argument("--batch_size", type=int, help="autoencoder default 8; ldm 5 (global); segmenter 8")
+    common.add_argument("--lr", type=float, help="autoencoder default 4.5e-6 x batch size (LDM's rule); ldm 1e-4; "
+                                                "segmenter 1e-3")
+    common.add_argument("--max_steps", type=int, help="train until this step, counted across resumes")
+    common.add_argument("--save_every", type=int, help="write the checkpoint every N steps")
+    common.add_argument("--sample_every", type=int, help="write sample images every N steps (0: never)")
+    common.add_argument("--keep_every", type=int, help="also keep the weights (and EMA) every N steps as "
+                                                       "checkpoints/step_NNNNNNN.safetensors, e.g. to average two "
+                                                       "of them as IIDM's submission did (default 0: only last)")
+    common.add_argument("--max_bad_steps", type=int, help="non-finite steps in a row that stop the run (default 10)")
+    common.add_argument("--seed", type=int, help="fixes the initial weights and every random draw (default 0)")
+    data = parser.add_argument_group("autoencoder and segmenter")
+    data.add_argument("--data", help="training root holding imgs/ and labels/")
+    data.add_argument("--height", type=int, help="training image height (default 384)")
+    data.add_argument("--width", type=int, help="training image width (default 512)")
     ae = parser.add_argument_group("autoencoder")
-    ae.add_argument("--data", help="training root holding imgs/ and labels/")
-    ae.add_argument("--out", help="run folder (log, samples, checkpoints)")
-    ae.add_argument("--preset", help="architecture: vq-f4 (default; LDM's), small or tiny; on --resume the "
-                                     "checkpoint's own")
-    ae.add_argument("--height", type=int, help="training image height (default 384)")
-    ae.add_argument("--width", type=int, help="training image width (default 512)")
-    ae.add_argument("--batch_size", type=int, help="default 8")
-    ae.add_argument("--lr", type=float, help="learning rate of both Adams (default: 4.5e-6 x batch size, LDM's rule)")
-    ae.add_argument("--max_steps", type=int, help="train until this step, counted across resumes (default 100000)")
     ae.add_argument("--disc_start", type=int, help="step from which the discriminator is used (default 0, as "
                                                    "LDM's vq-f4 config)")
     ae.add_argument("--lpips_vgg", help="torchvision VGG16 weights (vgg16-397923af.pth) for the LPIPS term")
     ae.add_argument("--lpips_heads", help="LPIPS linear heads (the lpips package's weights/v0.1/vgg.pth)")
     ae.add_argument("--init", help="start from this vqmodel checkpoint (e.g. converted vq-f4 weights)")
-    ae.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its last checkpoint, with its stored options "
-                         "except those given again")
-    ae.add_argument("--sample_every", type=int, help="save reconstructions every N steps (default 1000)")
-    ae.add_argument("--save_every", type=int, help="write the checkpoint every N steps (default 1000)")
-    ae.add_argument("--seed", type=int, help="default 0")
     ae.add_argument("--codebook_restart", type=int, help="every N steps (and at step 0), set codes no position "
                                                          "chose since the last restart to encoder outputs of the "
                                                          "batch (default 0: off, as taming)")
-    ldm = parser.add_argument_group(
-        "ldm", "also uses --out, --preset (U-Net: iidm (default), demo or tiny), --batch_size (global, default 5), "
-               "--lr (default 1e-4), --max_steps, --save_every, --sample_every (default 5000), --seed, --resume; "
-               "see docs/training.md")
+    ldm = parser.add_argument_group("ldm (see docs/training.md)")
     ldm.add_argument("--latents", help="latent store written by `python -m tools.cache_latents`")
     ldm.add_argument("--mask_dropout", type=float, help="probability of training a sample with the null mask "
                                                         "(default 0.2; SDM: 0, then fine-tune at 0.2 with lr 2e-5)")
@@ -72,42 +81,74 @@ def build_parser() -> argparse.ArgumentParser:
                           "lower peak memory for about one more forward per step (docs/training.md)")
     ldm.add_argument("--vq", help="autoencoder that decodes the sample images (default: the store's, when its "
                                   "checksum still matches)")
+    seg = parser.add_argument_group("segmenter")
+    seg.add_argument("--widths", help="channel widths of the segmenter's levels (default 32,64,128,256,256)")
+    parser.alias("--out", "--output_path")
     return parser
 
 
-def train_autoencoder_stage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if not args.data or not args.out:
-        parser.error("the autoencoder stage needs --data TRAIN_ROOT and --out RUN_DIR")
-    jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+STAGE_OPTIONS = {
+    "autoencoder": {"data", "height", "width", "disc_start", "lpips_vgg", "lpips_heads", "init", "codebook_restart"},
+    "ldm": {"latents", "mask_dropout", "ema_decay", "latent_scale", "grad_accum", "fp16", "grad_checkpoint", "vq"},
+    "segmenter": {"data", "height", "width", "widths"},
+}
+COMMON = ("batch_size", "lr", "max_steps", "save_every", "sample_every", "keep_every", "max_bad_steps", "seed")
+
+
+def check_options(parser: cli.ArgumentParser, args) -> None:
+    """Options of another stage, missing paths and bad values end the run (exit 2) before anything loads."""
+    given = {name for name in set().union(*STAGE_OPTIONS.values()) if getattr(args, name) not in (None, False)}
+    foreign = sorted(given - STAGE_OPTIONS[args.stage])
+    if foreign:
+        parser.error(f"{', '.join('--' + n for n in foreign)}: not an option of the {args.stage} stage")
+    if not args.output_path:
+        parser.error("every stage needs --output_path RUN_DIR")
+    if not args.resume:
+        needed = {"autoencoder": "data", "ldm": "latents", "segmenter": "data"}[args.stage]
+        if not getattr(args, needed):
+            parser.error(f"the {args.stage} stage needs --{needed}")
+    for name in ("batch_size", "max_steps", "max_bad_steps", "height", "width", "grad_accum"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    for name in ("save_every", "sample_every", "keep_every", "disc_start", "codebook_restart"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            parser.error(f"--{name} must be >= 0, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if (args.lpips_vgg is None) != (args.lpips_heads is None):
+        parser.error("LPIPS needs both weight files: --lpips_vgg (VGG16) and --lpips_heads (linear heads)")
+    for name in ("data", "latents", "init", "lpips_vgg", "lpips_heads", "vq"):
+        path = getattr(args, name, None)
+        if path and not os.path.exists(path):
+            parser.error(f"--{name} {path}: not found")
+
+
+def given_options(args, names) -> dict:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def autoencoder_stage(args) -> str:
     from dataclasses import replace
 
     from autoencoder.losses import LossConfig
     from autoencoder.training import TrainConfig, stored_configs, train_autoencoder
     from autoencoder.vqmodel import vq_config
-    from datasets import DataError
-    from weights.checkpoint import WeightsError
 
-    try:
-        if args.resume:
-            model_config, loss_config, train_config = stored_configs(args.out)
-        else:
-            model_config, loss_config, train_config = vq_config("vq-f4"), LossConfig(), TrainConfig()
-        if args.preset:
-            model_config = vq_config(args.preset)
-        if args.disc_start is not None:
-            loss_config = replace(loss_config, disc_start=args.disc_start)
-        given = {name: getattr(args, name) for name in ("height", "width", "batch_size", "lr", "max_steps",
-                                                        "sample_every", "save_every", "seed", "codebook_restart")
-                 if getattr(args, name) is not None}
-        train_config = replace(train_config, **given)
-        result = train_autoencoder(args.data, args.out, model_config, loss_config, train_config,
-                                   lpips_vgg=args.lpips_vgg, lpips_heads=args.lpips_heads, resume=args.resume,
-                                   init=args.init)
-    except (ValueError, OSError, WeightsError, DataError) as exc:
-        print(f"train.py: {exc}", file=sys.stderr)
-        return 1
-    print(f"train.py: autoencoder trained to step {result['step']}; checkpoint {result['checkpoint']}")
-    return 0
+    if args.resume:
+        model_config, loss_config, train_config = stored_configs(args.output_path)
+        if args.preset and vq_config(args.preset) != model_config:
+            raise ValueError(f"{args.output_path} trains another autoencoder than --preset {args.preset}; leave it out")
+    else:
+        model_config, loss_config, train_config = vq_config(args.preset or "vq-f4"), LossConfig(), TrainConfig()
+    if args.disc_start is not None:
+        loss_config = replace(loss_config, disc_start=args.disc_start)
+    train_config = replace(train_config, **given_options(args, COMMON + ("height", "width", "codebook_restart")))
+    result = train_autoencoder(args.data, args.output_path, model_config, loss_config, train_config,
+                               lpips_vgg=args.lpips_vgg, lpips_heads=args.lpips_heads, resume=args.resume,
+                               init=args.init)
+    return f"autoencoder trained to step {result['step']}; checkpoint {result['checkpoint']}"
 
 
 def sample_decoder(store, vq_path: str | None):
@@ -123,8 +164,7 @@ def sample_decoder(store, vq_path: str | None):
         logging.getLogger("iidm").warning("no sample images: the store's autoencoder %s is missing or changed; "
                                           "pass --vq", recorded)
         return None
-    model = load_vqmodel(path)
-    return model.decode
+    return load_vqmodel(path).decode
 
 
 def latent_scale_option(text: str, store) -> float:
@@ -143,58 +183,94 @@ def latent_scale_option(text: str, store) -> float:
         raise ValueError(f"--latent_scale must be a number or 'auto', got {text!r}") from None
 
 
-def train_ldm_stage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if not args.latents or not args.out:
-        print("train.py: the ldm stage needs --latents STORE and --out RUN_DIR", file=sys.stderr)
-        return USAGE
-    jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+def ldm_stage(args) -> str:
     from dataclasses import replace
 
-    from weights.checkpoint import WeightsError
-    from ldm.latents import LatentStore, StoreError
-    from ldm.training import TrainConfig, TrainingStopped, stored_config, train
+    from ldm.latents import LatentStore
+    from ldm.training import TrainConfig, stored_config, train
     from models import UNetConfig, UNetModel, unet_preset
+    from training.loop import materialize, seed_everything
 
-    try:
-        store = LatentStore(args.latents)
+    if args.resume:
+        unet_values, config, stored_latents = stored_config(args.output_path)
+        unet_config = UNetConfig.from_dict(unet_values)
+        if args.preset and unet_preset(args.preset, use_fp16=unet_config.use_fp16) != unet_config:
+            raise ValueError(f"{args.output_path} trains another network than --preset {args.preset}; leave it out")
+    else:
+        unet_config = unet_preset(args.preset or "iidm", use_fp16=args.fp16)
+        config, stored_latents = TrainConfig(), None
+    store = LatentStore(args.latents or stored_latents)
+    given = given_options(args, COMMON + ("mask_dropout", "ema_decay", "grad_accum"))
+    given.update({flag: True for flag in ("fp16", "grad_checkpoint") if getattr(args, flag)})
+    if args.latent_scale is not None:
         if args.resume:
-            unet_values, config, _ = stored_config(args.out)
-            unet_config = UNetConfig.from_dict(unet_values)
-            if args.preset and unet_preset(args.preset, use_fp16=unet_config.use_fp16) != unet_config:
-                raise ValueError(f"{args.out} trains another network than --preset {args.preset}; leave it out")
-        else:
-            unet_config = unet_preset(args.preset or "iidm", use_fp16=args.fp16)
-            config = TrainConfig()
-        given = {name: getattr(args, name) for name in ("batch_size", "lr", "max_steps", "save_every",
-                                                        "sample_every", "seed", "mask_dropout", "ema_decay",
-                                                        "grad_accum") if getattr(args, name) is not None}
-        given.update({flag: True for flag in ("fp16", "grad_checkpoint") if getattr(args, flag)})
-        if args.latent_scale is not None:
-            if args.resume:
-                raise ValueError("--latent_scale cannot change when resuming: the network learnt that scale")
-            given["latent_scale"] = latent_scale_option(args.latent_scale, store)
-        config = replace(config, **given)
-        decode = sample_decoder(store, args.vq) if config.sample_every else None
-        result = train(UNetModel(unet_config), store, args.out, config, decode=decode, resume=args.resume)
-    except (ValueError, OSError, WeightsError, StoreError, TrainingStopped) as exc:
-        print(f"train.py: {exc}", file=sys.stderr)
-        return 1
-    print(f"train.py: LDM trained to step {result['step']} ({result['updates']} updates, "
-          f"{result['bad_steps']} skipped); checkpoint {result['checkpoint']}")
-    return 0
+            raise ValueError("--latent_scale cannot change when resuming: the network learnt that scale")
+        given["latent_scale"] = latent_scale_option(args.latent_scale, store)
+    config = replace(config, **given)
+    decode = sample_decoder(store, args.vq) if config.sample_every else None
+    seed_everything(config.seed)
+    unet = UNetModel(unet_config)
+    materialize(unet)
+    result = train(unet, store, args.output_path, config, decode=decode, resume=args.resume)
+    return (f"LDM trained to step {result['step']} ({result['updates']} updates, {result['bad_steps']} skipped); "
+            f"checkpoint {result['checkpoint']}")
+
+
+def segmenter_stage(args) -> str:
+    from dataclasses import replace
+
+    from datasets import TrainingSet
+    from scoring.segmenter import SegmenterConfig
+    from scoring.segmenter_training import SegmenterTask, SegmenterTrainConfig
+    from training.loop import checkpoint_to_resume, run, seed_everything
+    from weights.checkpoint import load_checkpoint
+
+    if args.resume:
+        source = checkpoint_to_resume(Path(args.output_path))
+        if source is None:
+            raise FileNotFoundError(f"{args.output_path}: nothing to resume")
+        stored = load_checkpoint(source, "segmenter").config
+        net_config = SegmenterConfig.from_dict(stored["network"])
+        cfg, data = SegmenterTrainConfig(**stored["train"]), args.data or stored["data"]
+    else:
+        widths = tuple(int(w) for w in (args.widths or "32,64,128,256,256").split(","))
+        net_config = SegmenterConfig(widths=widths, height=args.height or 384, width=args.width or 512)
+        cfg, data = SegmenterTrainConfig(), args.data
+    cfg = replace(cfg, **given_options(args, ("batch_size", "lr", "max_steps", "save_every", "keep_every",
+                                              "max_bad_steps", "seed")))
+    dataset = TrainingSet(data, net_config.height, net_config.width)
+    seed_everything(cfg.seed)
+    task = SegmenterTask(dataset, net_config, cfg, str(data))
+    result = run(task, args.output_path, cfg.loop(), resume=args.resume)
+    return (f"segmenter trained to step {result.step} (batch pixel accuracy "
+            f"{result.last['batch_pixel_accuracy'] if result.last else float('nan'):.4f}); checkpoint {result.checkpoint}")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    if args.stage == "autoencoder":
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        return train_autoencoder_stage(parser, args)
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return train_ldm_stage(parser, args)
+    check_options(parser, args)
+    if args.stage == "segmenter" and args.widths is not None:
+        try:
+            tuple(int(w) for w in args.widths.split(","))
+        except ValueError:
+            parser.error(f"--widths must be comma-separated integers, got {args.widths!r}")
+    jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+    from datasets import DataError
+    from ldm.latents import StoreError
+    from training.logs import LogError
+    from training.loop import TrainingStopped
+    from weights.checkpoint import WeightsError
+
+    stage = {"autoencoder": autoencoder_stage, "ldm": ldm_stage, "segmenter": segmenter_stage}[args.stage]
+    try:
+        message = stage(args)
+    except (ValueError, OSError, WeightsError, StoreError, DataError, LogError, TrainingStopped) as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return FAILED
+    print(f"train.py: {message}")
+    return 0
 
 
 if __name__ == "__main__":

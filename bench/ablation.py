@@ -1,9 +1,9 @@
 """The IIDM paper's Table 2 ablation on any model and test set, scored with tools/score.py.
 
     python -m bench.ablation --ckpt unet.safetensors --vq vq.safetensors \
-        --input_path data/synthetic/test/labels --img_path data/synthetic/train --out outputs/ablation \
+        --input_path data/synthetic/test/labels --img_path data/synthetic/train --output_path outputs/ablation \
         [--average a.safetensors --average b.safetensors] [--segmenter seg.safetensors] \
-        [--ground_truth data/synthetic/test/imgs] [--steps 20] [--limit 16] [--with-iidm]
+        [--ground_truth data/synthetic/test/imgs] [--steps 20] [--limit 16] [--with_iidm]
 
 Rows, each adding one of the paper's steps to the row before:
 
@@ -13,7 +13,7 @@ Rows, each adding one of the paper's steps to the row before:
     + colour transfer  the previous output is colour-transferred toward the reference before each
                        refinement round (the full recipe)
     + averaged ckpts   the same with the --ckpt and --average checkpoints averaged (when given)
-    iidm (DDIM)        the official recipe itself, 1280 U-Net passes (with --with-iidm)
+    iidm (DDIM)        the official recipe itself, 1280 U-Net passes (with --with_iidm)
 
 All rows but the last run DPM-Solver++(2M) with --steps steps per round, so they differ only in
 what the paper ablates. Every image keeps its own seed across rows. Outputs are written under
@@ -25,7 +25,6 @@ reported too, and a first row scores the ground truth itself, as the best a mode
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-
+import cli
 import jittor_env
 
 
@@ -76,44 +75,45 @@ def pixel_errors(results: Path, ground_truth: Path, names: list[str]) -> tuple[f
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--ckpt", type=Path, required=True, help="U-Net checkpoint")
     parser.add_argument("--average", type=Path, action="append", default=[],
                         help="more checkpoints to average with --ckpt for the last row (repeatable)")
     parser.add_argument("--vq", type=Path, required=True, help="autoencoder checkpoint")
     parser.add_argument("--input_path", type=Path, required=True, help="masks folder with label_to_img.json")
     parser.add_argument("--img_path", type=Path, required=True, help="training root holding the references")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the rows' outputs and ablation.json")
+    parser.add_argument("--output_path", type=Path, required=True, help="folder for the rows' outputs and ablation.json")
     parser.add_argument("--segmenter", type=Path, help="segmenter checkpoint for the mask accuracy M")
     parser.add_argument("--ground_truth", type=Path, help="folder of NAME.jpg ground truths (synthetic test/imgs)")
     parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps per round (default 20)")
     parser.add_argument("--limit", type=int, help="use the first N masks only")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--with-iidm", dest="with_iidm", action="store_true",
+    parser.add_argument("--with_iidm", action="store_true",
                         help="also run the official recipe (DDIM, 1280 U-Net passes per image)")
     jittor_env.add_arguments(parser)
     args = parser.parse_args(argv)
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
 
-    import infer
     from ldm import pipeline
-    from tools.score import score_results
     from scoring.segmenter import load_segmenter
+    from synthesis import Generator
+    from synthesis.batch import generate_jobs, list_jobs
+    from tools.score import score_results
 
-    models = infer.Models([args.ckpt], args.vq)
-    rows = row_rounds(models.schedule, args.steps)
-    plans = [(name, models, rounds) for name, rounds in rows.items()]
+    generator = Generator([args.ckpt], args.vq)
+    rows = row_rounds(generator.schedule, args.steps)
+    plans = [(name, generator, rounds) for name, rounds in rows.items()]
     if args.average:
-        plans.append(("+ averaged ckpts", infer.Models([args.ckpt, *args.average], args.vq), rows["+ colour transfer"]))
+        plans.append(("+ averaged ckpts", Generator([args.ckpt, *args.average], args.vq), rows["+ colour transfer"]))
     if args.with_iidm:
-        plans.append(("iidm (DDIM)", models, pipeline.iidm_rounds(models.schedule.num_timesteps)))
+        plans.append(("iidm (DDIM)", generator, pipeline.iidm_rounds(generator.schedule.num_timesteps)))
     segmenter = load_segmenter(args.segmenter) if args.segmenter else None
 
-    jobs = infer.list_jobs(args.input_path, args.img_path, args.out / "_unused")
+    jobs = list_jobs(args.input_path, args.img_path, args.output_path / "_unused")
     jobs = jobs[: args.limit] if args.limit else jobs
     names = [job.name for job in jobs]
-    masks = args.out / "masks"   # the chosen masks and their mapping, so the scorer sees only them
+    masks = args.output_path / "masks"   # the chosen masks and their mapping, so the scorer sees only them
     masks.mkdir(parents=True, exist_ok=True)
     for stale in masks.glob("*.png"):   # from an earlier run with another --limit
         stale.unlink()
@@ -137,20 +137,20 @@ def main(argv=None) -> int:
 
     if args.ground_truth:
         score("ground truth", args.ground_truth, None, None)
-    for name, row_models, rounds in plans:
-        folder = args.out / slug(name)
+    for name, row_generator, rounds in plans:
+        folder = args.output_path / slug(name)
         todo = [dataclasses.replace(job, output=folder / f"{job.name}.jpg") for job in jobs]
         todo = [job for job in todo if not job.output.is_file()]
         started = time.perf_counter()
-        report = infer.generate(todo, row_models, rounds, batch_size=args.batch_size, seed=args.seed, quality=95,
-                                size=None, save_rounds=False, show_progress=False)
+        report = generate_jobs(todo, row_generator, rounds, batch_size=args.batch_size, seed=args.seed, quality=95,
+                               show_progress=False)
         if report.failures:
             print(f"{name}: {len(report.failures)} failed: {report.failures[:3]}", file=sys.stderr)
             return 1
         seconds = (time.perf_counter() - started) / len(todo) if todo else None
         score(name, folder, pipeline.unet_passes(rounds), seconds)
 
-    (args.out / "ablation.json").write_text(json.dumps({"rows": table, "steps": args.steps, "masks": names,
+    (args.output_path / "ablation.json").write_text(json.dumps({"rows": table, "steps": args.steps, "masks": names,
                                                         "ckpt": str(args.ckpt), "average": [str(p) for p in args.average]},
                                                        indent=2) + "\n")
     columns = ["row", "unet_passes", "S", "S_corrected", "M"] + (["MAE", "PSNR"] if args.ground_truth else [])

@@ -11,7 +11,6 @@ CPU and, when a GPU is usable, on CUDA.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 import argparse

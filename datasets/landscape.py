@@ -140,37 +140,84 @@ class TestSet:
         self.mask_dir = Path(mask_dir)
         self.image_dir = find_image_folder(img_root)
         self.num_classes = num_classes
-        mapping_path = Path(mapping_file) if mapping_file else self.mask_dir / MAPPING_FILE
-        self.mapping = _read_mapping(mapping_path)
-        masks = _list_stems(self.mask_dir, (".png",))
-        if not masks:
-            raise DataError(f"{self.mask_dir}: no label maps (NAME.png) found")
-        if not self.image_dir.is_dir():
-            raise DataError(f"{self.image_dir}: reference photo folder not found")
-        missing_key = [p.name for p in masks.values() if p.name not in self.mapping]
-        if missing_key:
-            raise DataError(f"{mapping_path}: no reference given for {_listing(missing_key)}")
-        missing_ref = [f"{self.mapping[p.name]} (for {p.name})" for p in masks.values()
-                       if not (self.image_dir / self.mapping[p.name]).is_file()]
-        if missing_ref:
-            raise DataError(f"{self.image_dir}: reference photos not found: {_listing(missing_ref)}")
-        self.names = sorted(masks)
-        self.mask_paths = [masks[n] for n in self.names]
+        entries = test_entries(self.mask_dir, img_root, mapping_file)
+        self.mapping_path = Path(mapping_file) if mapping_file else self.mask_dir / MAPPING_FILE
+        no_key = [e.mask_path.name for e in entries if e.reference_path is None]
+        if no_key:
+            raise DataError(f"{self.mapping_path}: no reference given for {_listing(no_key)}")
+        problems = [f"{e.reference} (for {e.mask_path.name})" for e in entries if e.problem]
+        if problems:
+            raise DataError(f"{self.image_dir}: reference photos not found: {_listing(problems)}")
+        self.names = [e.name for e in entries]
+        self.mask_paths = [e.mask_path for e in entries]
+        self.reference_paths = [e.reference_path for e in entries]
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, index: int) -> TestItem:
-        mask_path = self.mask_paths[index]
-        label = load_label(mask_path, self.num_classes)
-        reference_name = self.mapping[mask_path.name]
-        reference = load_image(self.image_dir / reference_name)
+        label = load_label(self.mask_paths[index], self.num_classes)
+        reference_path = self.reference_paths[index]
+        reference = load_image(reference_path)
         height, width = label.shape
-        reference = _fit(reference, height, width, self.image_dir / reference_name, resize_image)
-        return TestItem(self.names[index], label, reference, reference_name)
+        reference = _fit(reference, height, width, reference_path, resize_image)
+        return TestItem(self.names[index], label, reference, reference_path.name)
 
 
-def _read_mapping(path: Path) -> dict[str, str]:
+@dataclass(frozen=True)
+class TestEntry:
+    """One mask of a test folder, before anything is read: its reference photo's path (None when
+    the mapping names none) and ``problem``, a message naming the file, when it cannot be used."""
+
+    __test__ = False
+
+    name: str
+    mask_path: Path
+    reference: str | None          # as the mapping names it
+    reference_path: Path | None
+    problem: str | None = None
+
+
+def test_entries(mask_dir: str | os.PathLike, img_root: str | os.PathLike,
+                 mapping_file: str | os.PathLike | None = None) -> list[TestEntry]:
+    """Every ``MASK.png`` of ``mask_dir`` (sorted by name) with its reference from the mapping.
+
+    A missing masks folder, mapping file or reference folder is an error for the whole set; a mask
+    without an entry, with a reference outside the reference folder (``../x.jpg``, an absolute
+    path) or whose reference file is absent is an entry with a ``problem``, so a caller can go on
+    with the others."""
+    mask_dir = Path(mask_dir)
+    if not mask_dir.is_dir():
+        raise DataError(f"{mask_dir}: masks folder not found")
+    mapping_path = Path(mapping_file) if mapping_file else mask_dir / MAPPING_FILE
+    mapping = read_mapping(mapping_path)
+    image_dir = find_image_folder(img_root)
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: reference photo folder not found")
+    masks = _list_stems(mask_dir, (".png",))
+    if not masks:
+        raise DataError(f"{mask_dir}: no label maps (NAME.png) found")
+    entries = []
+    for name, mask_path in masks.items():
+        if mask_path.name not in mapping:
+            entries.append(TestEntry(name, mask_path, None, None,
+                                     f"{mapping_path}: no reference given for {mask_path.name}"))
+            continue
+        reference = mapping[mask_path.name]
+        path = image_dir / reference
+        problem = None
+        if Path(reference).is_absolute() or ".." in Path(reference).parts:
+            problem = (f"{mapping_path}: the reference {reference!r} of {mask_path.name} is not a file name "
+                       f"inside {image_dir}")
+        elif not path.is_file():
+            problem = f"{path}: reference photo not found (for {mask_path.name})"
+        entries.append(TestEntry(name, mask_path, reference, path, problem))
+    return entries
+
+
+def read_mapping(path: str | os.PathLike) -> dict[str, str]:
+    """``label_to_img.json``: {"MASK.png": "REFERENCE.jpg", ...}, checked to be that."""
+    path = Path(path)
     try:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -13,7 +13,6 @@ rock, earth, field, plant, path, waterfall. Image i of a dataset uses np.random.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+import cli
 from datasets.classes import CLASS_INDEX, CLASS_NAMES, NUM_CLASSES, colorize
 
 SCENE_CLASSES: tuple[str, ...] = ("sky", "mountain", "hill", "sea", "lake", "water", "river", "grass",
@@ -498,24 +498,25 @@ def contact_sheet(out_path, seed: int = 0, rows: int = 4, cols: int = 3, height:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write a synthetic landscape dataset and/or a contact sheet.")
-    p.add_argument("--out", help="dataset folder (gets train/, test/, styles.json)")
+    p = cli.ArgumentParser(description="Write a synthetic landscape dataset and/or a contact sheet.")
+    p.add_argument("--output_path", help="dataset folder (gets train/, test/, styles.json)")
     p.add_argument("--n", type=int, default=200, help="number of training images")
     p.add_argument("--height", type=int, default=96)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-test", type=int, default=None, help="number of test masks (default n // 10)")
+    p.add_argument("--n_test", type=int, default=None, help="number of test masks (default n // 10)")
     p.add_argument("--overwrite", action="store_true", help="replace existing train/ and test/ folders")
     p.add_argument("--sheet", help="also (or only) write a contact sheet PNG here")
+    p.alias("--out", "--output_path")
     a = p.parse_args(argv)
-    if a.out is None and a.sheet is None:
-        p.error("give --out DIR and/or --sheet PNG")
+    if a.output_path is None and a.sheet is None:
+        p.error("give --output_path DIR and/or --sheet PNG")
     done = []
-    if a.out is not None:
-        s = write_dataset(a.out, a.n, height=a.height, width=a.width, seed=a.seed, n_test=a.n_test,
+    if a.output_path is not None:
+        s = write_dataset(a.output_path, a.n, height=a.height, width=a.width, seed=a.seed, n_test=a.n_test,
                           overwrite=a.overwrite)
         done.append(f"wrote {s['n_train']} train + {s['n_test']} test images of {a.height}x{a.width} "
-                    f"to {a.out}, styles {s['styles']}")
+                    f"to {a.output_path}, styles {s['styles']}")
     if a.sheet is not None:
         contact_sheet(a.sheet, seed=a.seed, height=a.height, width=a.width)
         done.append(f"contact sheet {a.sheet}")

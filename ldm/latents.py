@@ -1,4 +1,4 @@
-"""The cached latent store that the LDM trains from (written by ``tools/cache_latents.py``).
+"""The cached latent store that the LDM trains from (written by ``python -m tools.cache_latents``).
 
 A store is a folder:
 

@@ -1,7 +1,8 @@
 """Training the latent diffusion U-Net on a cached latent store (guided-diffusion's TrainLoop, as
-SDM and IIDM use it, made resumable).
+SDM and IIDM use it), as a task of the shared training skeleton (``training.loop``: checkpoints,
+resume, the non-finite guard, logs, samples).
 
-One optimizer step at ``step`` (all randomness drawn from ``numpy.random.default_rng([seed, step])``,
+One optimizer step at ``step`` (all randomness drawn from ``training.loop.step_rng(seed, step)``,
 so a resumed run draws exactly what an uninterrupted one would):
 
     items   the batch of positions [step*B, (step+1)*B) of per-epoch permutations of the store
@@ -19,22 +20,17 @@ The batch size is global: with gradient accumulation it is split into ``grad_acc
 and under MPI (``mpirun -np N``) each micro-batch is split across the N ranks, whose gradients are
 averaged; every rank draws the same numbers and keeps the same step counter; only rank 0 writes.
 
-A step whose loss or gradient is not finite changes nothing (no update, no EMA step, Adam's step
-count unchanged) and is counted; ``max_bad_steps`` of them in a row stop the run with an error.
-Checkpoints (``RUN_DIR/checkpoints/last.safetensors``, kind "<net>-train") hold the weights
-(``model/``), the EMA (``ema/``), AdamW's moments (``optim/m/``, ``optim/v/``), the step, Adam's
-update count, the RNG states and the full config; they are written atomically.
+Checkpoints (kind "unet-train") hold the weights (``model/``), the EMA (``ema/``), AdamW's moments
+(``optim/m/``, ``optim/v/``), Adam's update count, the fp16 loss scale and the full config:
+{"network", "diffusion" (schedule, latent scale), "train", "latents"}.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -45,7 +41,10 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 
 from datasets import NUM_CLASSES, colorize, one_hot, save_image
-from weights.checkpoint import WeightsError, config_from_dict, diffusion_section, read_checkpoint, save_checkpoint
+from training.loop import (NON_FINITE, LoopConfig, Task, TrainingStopped, batch_indices, checkpoint_to_resume,
+                           run, step_rng)
+from training.state import adam_state, load_adam_state, to_uint8
+from weights.checkpoint import WeightsError, config_from_dict, diffusion_section, load_checkpoint
 from .ema import EMA
 from .guidance import drop_masks
 from .latents import LatentStore
@@ -55,19 +54,13 @@ from .schedule import ScheduleConfig, make_schedule
 
 log = logging.getLogger("iidm.ldm.training")
 
-CHECKPOINT = Path("checkpoints") / "last.safetensors"
-LOG_FILE = "log.jsonl"
-TRAIN_KIND_SUFFIX = "-train"
 TERMS = ("loss", "mse", "vb")
-
-
-class TrainingStopped(RuntimeError):
-    """The run stopped itself (too many non-finite steps in a row)."""
+__all__ = ["TrainConfig", "TrainingStopped", "train", "draw_batch", "batch_indices", "latent_std", "stored_config"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Options of the LDM training loop. Defaults: IIDM's (batch 5 per GPU, lr 1e-4, EMA 0.9999,
+    """Options of the LDM training. Defaults: IIDM's (batch 5 per GPU, lr 1e-4, EMA 0.9999,
     mask dropout 0.2) for one process."""
 
     batch_size: int = 5             # global: split over grad_accum micro-batches and MPI ranks
@@ -79,6 +72,7 @@ class TrainConfig:
     max_steps: int = 100_000        # counted across resumes, skipped steps included
     save_every: int = 5000
     sample_every: int = 5000
+    keep_every: int = 0             # also keep the weights and EMA every N steps (for averaging)
     sample_count: int = 4
     sample_steps: int = 50          # DDIM steps of the sample images
     seed: int = 0
@@ -98,8 +92,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_bad_steps", "sample_count", "sample_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.save_every < 0 or self.sample_every < 0:
-            raise ValueError("TrainConfig: max_steps, save_every and sample_every must be >= 0")
+        if min(self.max_steps, self.save_every, self.sample_every, self.keep_every) < 0:
+            raise ValueError("TrainConfig: max_steps, save_every, sample_every and keep_every must be >= 0")
         if not 0.0 <= self.mask_dropout <= 1.0:
             raise ValueError(f"TrainConfig.mask_dropout must be in [0, 1], got {self.mask_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -116,21 +110,12 @@ class TrainConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
         return config_from_dict(cls, values)
 
+    def loop(self) -> LoopConfig:
+        return LoopConfig(self.max_steps, self.save_every, self.sample_every, self.keep_every,
+                          self.max_bad_steps, self.seed)
+
 
 # ------------------------------------------------------------------------------------ data
-def batch_indices(seed: int, step: int, batch_size: int, count: int) -> np.ndarray:
-    """Items of batch ``step``: positions [step*B, (step+1)*B) of the stream of per-epoch
-    permutations of range(count), so every item is seen once per epoch, resumably."""
-    out = np.empty(batch_size, dtype=np.int64)
-    permutations: dict[int, np.ndarray] = {}
-    for j, position in enumerate(range(step * batch_size, (step + 1) * batch_size)):
-        epoch, offset = divmod(position, count)
-        if epoch not in permutations:
-            permutations[epoch] = np.random.default_rng([seed, epoch, 7]).permutation(count)
-        out[j] = permutations[epoch][offset]
-    return out
-
-
 @dataclass
 class Batch:
     """One optimizer step's global batch, numpy: latents [B, C, h, w], masks [B, K, h, w] (after
@@ -146,7 +131,7 @@ class Batch:
 
 def draw_batch(store: LatentStore, config: TrainConfig, step: int, num_classes: int = NUM_CLASSES) -> Batch:
     """Everything random about step ``step``, from one generator seeded by (seed, step)."""
-    rng = np.random.default_rng([config.seed, step])
+    rng = step_rng(config.seed, step)
     b = config.batch_size
     indices = batch_indices(config.seed, step, b, len(store))
     views = rng.integers(0, 2, size=b) if config.flip else np.zeros(b, dtype=np.int64)
@@ -161,23 +146,44 @@ def draw_batch(store: LatentStore, config: TrainConfig, step: int, num_classes: 
     return Batch(latents, dropped, labels, t, noise, kept)
 
 
-# ------------------------------------------------------------------------------ the loop state
 def trainable(module) -> list[tuple[str, jt.Var]]:
     return [(name, p) for name, p in module.named_parameters() if not p.is_stop_grad()]
 
 
-class _Trainer:
-    """The mutable state of a run: network, fp32 master weights, AdamW, EMA, counters."""
+# ------------------------------------------------------------------------------ the task
+class LDMTask(Task):
+    """The U-Net, its fp32 master weights, AdamW, EMA and the fp16 loss scale, on a latent store."""
 
-    def __init__(self, unet, config: TrainConfig):
-        self.unet, self.config = unet, config
+    name = "ldm"
+
+    def __init__(self, unet, store: LatentStore, config: TrainConfig, *, net_kind: str = "unet",
+                 decode: Callable[[jt.Var], jt.Var] | None = None):
+        self.kind = net_kind
+        self.unet, self.store, self.cfg, self.decode = unet, store, config, decode
+        world = jt.world_size if jt.in_mpi else 1
+        if config.batch_size % (config.grad_accum * world):
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum ({config.grad_accum}) "
+                             f"x MPI ranks ({world})")
+        if config.fp16 and not jt.flags.use_cuda:
+            raise ValueError("fp16 mixed precision needs CUDA (on the CPU float16 is hundreds of times slower)")
+        if config.fp16 != bool(getattr(unet.config, "use_fp16", False)):
+            raise ValueError(f"fp16={config.fp16} but the network was built with use_fp16="
+                             f"{getattr(unet.config, 'use_fp16', False)}; build it with the same setting")
+        c = store.latent_shape[0]
+        if getattr(unet.config, "in_channels", c) != c:
+            raise ValueError(f"the network takes {unet.config.in_channels} latent channels, the store holds {c}")
+        if config.grad_checkpoint:
+            from models.staged import check_staged
+
+            check_staged(unet)
+        self.schedule = make_schedule(config.schedule)
         named = trainable(unet)
         if not named:
             raise ValueError("the network has no trainable parameters")
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         if jt.in_mpi:
-            # Every rank starts from rank 0's weights (Jittor seeds each rank differently).
+            # Every rank starts from rank 0's weights, whatever its own seed.
             for p in self.params:
                 p.assign(p.mpi_broadcast(0))
             jt.sync(self.params)
@@ -186,225 +192,186 @@ class _Trainer:
         self.optimizer = jt.optim.AdamW(self.masters, config.lr, betas=(0.9, 0.999), eps=1e-8,
                                         weight_decay=config.weight_decay)
         self.ema = EMA(list(zip(self.names, self.masters)), config.ema_decay)
-        self.step = 0             # optimizer steps attempted (skipped ones included)
         self.updates = 0          # optimizer steps applied (Adam's bias-correction count)
-        self.bad_steps = 0        # non-finite steps, total
-        self.bad_in_a_row = 0
         self.lg_loss_scale = config.initial_lg_loss_scale if config.fp16 else 0.0
 
-    # -------------------------------------------------------------- checkpoint state
-    def arrays(self) -> dict[str, np.ndarray]:
-        group = self.optimizer.param_groups[0]
-        out = {f"model/{n}": p.numpy() for n, p in zip(self.names, self.masters)}
-        out.update({f"model/{n}": v for n, v in _frozen_arrays(self.unet, set(self.names)).items()})
-        out.update({f"ema/{n}": v for n, v in self.ema.state_dict().items()})
-        out.update({f"optim/m/{n}": m.numpy() for n, m in zip(self.names, group["m"])})
-        out.update({f"optim/v/{n}": v.numpy() for n, v in zip(self.names, group["values"])})
+    # ------------------------------------------------------------------ checkpoint state
+    def config(self) -> dict[str, Any]:
+        return {"network": self.unet.config.to_dict(),
+                "diffusion": diffusion_section(dataclasses.asdict(self.cfg.schedule), "latent", self.cfg.latent_scale),
+                "train": self.cfg.to_dict(), "latents": str(self.store.path),
+                "latents_autoencoder_sha256": self.store.manifest.get("autoencoder_sha256")}
+
+    def _frozen(self) -> dict[str, jt.Var]:
+        """Saved arrays that are not trained (buffers), so the checkpoint holds the whole network."""
+        trained = set(self.names)
+        return {n: v for n, v in self.unet.state_dict().items() if n not in trained}
+
+    def state(self) -> dict[str, Any]:
+        out = {f"model/{n}": p for n, p in zip(self.names, self.masters)}
+        out.update({f"model/{n}": v for n, v in self._frozen().items()})
+        out.update({f"ema/{n}": v for n, v in zip(self.ema.names, self.ema.vars())})
+        out.update({f"optim/{k}": v for k, v in adam_state(self.optimizer, self.names).items()})
         return out
 
     def counters(self) -> dict[str, Any]:
-        return {"step": self.step, "updates": self.updates, "bad_steps": self.bad_steps,
-                "bad_in_a_row": self.bad_in_a_row, "lg_loss_scale": self.lg_loss_scale}
+        return {"updates": self.updates, "lg_loss_scale": self.lg_loss_scale}
 
     def load(self, arrays: Mapping[str, np.ndarray], counters: Mapping[str, Any], source: str) -> None:
-        group = self.optimizer.param_groups[0]
-        expected = {f"{prefix}/{n}" for prefix in ("model", "ema", "optim/m", "optim/v") for n in self.names}
-        missing = sorted(expected - set(arrays))
+        missing = sorted({f"{prefix}/{n}" for prefix in ("model", "ema") for n in self.names} - set(arrays))
         if missing:
             raise WeightsError(f"{source}: training checkpoint lacks {len(missing)} arrays, e.g. {missing[:3]}")
-        for n, p, master, m, v in zip(self.names, self.params, self.masters, group["m"], group["values"]):
-            for key, var in ((f"model/{n}", master), (f"optim/m/{n}", m), (f"optim/v/{n}", v)):
-                value = arrays[key]
-                if tuple(value.shape) != tuple(var.shape):
-                    raise WeightsError(f"{source}: {key} has shape {value.shape}, the model {tuple(var.shape)}")
-                var.update(jt.array(value.astype(np.float32)))
+        for n, p, master in zip(self.names, self.params, self.masters):
+            value = arrays[f"model/{n}"]
+            if tuple(value.shape) != tuple(master.shape):
+                raise WeightsError(f"{source}: model/{n} has shape {value.shape}, the model {tuple(master.shape)}")
+            master.update(jt.array(value.astype(np.float32)))
             if master is not p:
                 p.update(master.cast(p.dtype))
-        frozen = _frozen_arrays(self.unet, set(self.names))
+        frozen = self._frozen()
         if frozen:
-            state = {n: arrays[f"model/{n}"] for n in frozen if f"model/{n}" in arrays}
-            self.unet.load_parameters(state)
+            self.unet.load_parameters({n: arrays[f"model/{n}"] for n in frozen if f"model/{n}" in arrays})
         self.ema.load_state_dict({n: arrays[f"ema/{n}"] for n in self.names}, source)
-        self.step = int(counters["step"])
         self.updates = int(counters["updates"])
-        self.bad_steps = int(counters.get("bad_steps", 0))
-        self.bad_in_a_row = int(counters.get("bad_in_a_row", 0))
+        load_adam_state(self.optimizer, self.names, {k[len("optim/"):]: v for k, v in arrays.items()
+                                                      if k.startswith("optim/")}, self.updates, source)
         self.lg_loss_scale = float(counters.get("lg_loss_scale", self.lg_loss_scale))
-        self.optimizer.n_step = self.updates
-        jt.sync(self.params + self.masters + group["m"] + group["values"])
+        jt.sync(self.params + self.masters)
 
+    # ------------------------------------------------------------------ one step
+    def step(self, step: int, update: bool = True) -> dict[str, Any]:
+        """Forward/backward over the micro-batches of step ``step``'s batch and, if all is finite
+        (and ``update``), one update. Returns the logged values (means over the global batch)."""
+        cfg = self.cfg
+        batch = draw_batch(self.store, cfg, step)
+        world = jt.world_size if jt.in_mpi else 1
+        rank = jt.rank if jt.in_mpi else 0
+        micro = cfg.batch_size // (cfg.grad_accum * world)
+        scale = 2.0 ** self.lg_loss_scale if cfg.fp16 else 1.0
+        grads: list[jt.Var] | None = None
+        per_sample = {k: [] for k in TERMS}
+        t_seen = []
+        for k in range(cfg.grad_accum):
+            start = (k * world + rank) * micro
+            part = slice(start, start + micro)
+            x_start, mask = jt.array(batch.latents[part]), jt.array(batch.masks[part])
+            t, noise = jt.array(batch.t[part]), jt.array(batch.noise[part])
+            if cfg.grad_checkpoint:
+                from models.staged import StagedPass
 
-def _frozen_arrays(module, trainable_names: set[str]) -> dict[str, np.ndarray]:
-    """Saved arrays that are not trained (buffers), so the checkpoint holds the whole network."""
-    return {n: v.numpy() for n, v in module.state_dict().items() if n not in trainable_names}
+                staged = StagedPass(self.unet, mask)
+                terms = training_losses(self.schedule, staged.forward, x_start, t, noise, loss_type=cfg.loss_type)
+                loss = terms["loss"].mean() * (scale / cfg.grad_accum)
+                by_id = staged.backward(jt.grad(loss, staged.output))
+                micro_grads = [by_id[id(p)] for p in self.params]
+            else:
+                terms = training_losses(self.schedule, lambda x_t, t_model: self.unet(x_t, t_model, mask), x_start,
+                                        t, noise, loss_type=cfg.loss_type)
+                loss = terms["loss"].mean() * (scale / cfg.grad_accum)
+                micro_grads = jt.grad(loss, self.params)
+            micro_grads = [g.float32() if g.dtype != "float32" else g for g in micro_grads]
+            grads = micro_grads if grads is None else [a + g for a, g in zip(grads, micro_grads)]
+            jt.sync([*terms.values(), *grads])
+            for name in TERMS:
+                if name in terms:
+                    per_sample[name].append(terms[name].numpy())
+            t_seen.append(batch.t[part])
+        if jt.in_mpi:
+            grads = [g.mpi_all_reduce("mean") for g in grads]
+        if scale != 1.0:
+            grads = [g / scale for g in grads]
+        sq = sum((g * g).sum() for g in grads)
+        local_loss = float(np.mean(np.concatenate(per_sample["loss"])))
+        loss_var = jt.array(np.array([local_loss], dtype=np.float32))
+        if jt.in_mpi:
+            loss_var = loss_var.mpi_all_reduce("mean")
+        jt.sync([sq, loss_var, *grads])
+        grad_norm = math.sqrt(float(sq.item())) if np.isfinite(sq.item()) else float("inf")
+        global_loss = float(loss_var.item())
 
+        values: dict[str, Any] = {}
+        for name, chunks in per_sample.items():
+            if chunks:
+                samples = np.concatenate(chunks)
+                values[name] = float(samples.mean())
+                quartile = np.concatenate(t_seen) * 4 // cfg.schedule.num_timesteps
+                for q in range(4):
+                    if (quartile == q).any():
+                        values[f"{name}_q{q}"] = float(samples[quartile == q].mean())
+        values["grad_norm"] = grad_norm
+        values["mask_kept"] = float(batch.kept.mean())
 
-# ------------------------------------------------------------------------------ RNG states
-def _rng_states(config: TrainConfig, step: int) -> dict[str, Any]:
-    """Global RNG states, saved for code outside the loop (the loop itself draws from per-step
-    generators, and reseeds Jittor per step, so it needs none of them to resume exactly)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "numpy_global": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "jittor_seed": _jittor_seed(config, step),
-        "per_step": "numpy.random.default_rng([seed, step]); jittor reseeded per step",
-    }
+        finite_loss = math.isfinite(global_loss)
+        if cfg.fp16 and finite_loss and not math.isfinite(grad_norm):
+            # Loss-scale overflow (guided-diffusion's MixedPrecisionTrainer): halve the scale, skip.
+            if update:
+                self.lg_loss_scale -= 1.0
+            values.update(skipped="fp16_overflow", lg_loss_scale=self.lg_loss_scale)
+            return values
+        if not (finite_loss and math.isfinite(grad_norm)):
+            values["skipped"] = NON_FINITE
+            return values
+        if not update:
+            return values
 
-
-def _restore_rng_states(states: Mapping[str, Any]) -> None:
-    if "numpy_global" in states:
-        name, keys, pos, has_gauss, cached = states["numpy_global"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "python" in states:
-        version, internal, gauss = states["python"]
-        random.setstate((version, tuple(internal), gauss))
-
-
-def _jittor_seed(config: TrainConfig, step: int) -> int:
-    """Jittor's seed for step ``step`` (dropout inside the network, if any); the same on all ranks."""
-    return (config.seed * 1_000_003 + step) % (2 ** 31 - 1)
-
-
-# ------------------------------------------------------------------------------ one step
-def _step(trainer: _Trainer, schedule, batch: Batch) -> dict[str, Any]:
-    """Forward/backward over the micro-batches of ``batch`` and, if all is finite, one update.
-    Returns the logged values (means over this rank's share of the batch)."""
-    cfg = trainer.config
-    world = jt.world_size if jt.in_mpi else 1
-    rank = jt.rank if jt.in_mpi else 0
-    micro = cfg.batch_size // (cfg.grad_accum * world)
-    scale = 2.0 ** trainer.lg_loss_scale if cfg.fp16 else 1.0
-    grads: list[jt.Var] | None = None
-    per_sample = {k: [] for k in TERMS}
-    t_seen = []
-    for k in range(cfg.grad_accum):
-        start = (k * world + rank) * micro
-        part = slice(start, start + micro)
-        x_start = jt.array(batch.latents[part])
-        mask = jt.array(batch.masks[part])
-        t = jt.array(batch.t[part])
-        noise = jt.array(batch.noise[part])
-        if cfg.grad_checkpoint:
-            from models.staged import StagedPass
-
-            staged = StagedPass(trainer.unet, mask)
-            terms = training_losses(schedule, staged.forward, x_start, t, noise, loss_type=cfg.loss_type)
-            loss = terms["loss"].mean() * (scale / cfg.grad_accum)
-            by_id = staged.backward(jt.grad(loss, staged.output))
-            micro_grads = [by_id[id(p)] for p in trainer.params]
-        else:
-            terms = training_losses(schedule, lambda x_t, t_model: trainer.unet(x_t, t_model, mask), x_start, t,
-                                    noise, loss_type=cfg.loss_type)
-            loss = terms["loss"].mean() * (scale / cfg.grad_accum)
-            micro_grads = jt.grad(loss, trainer.params)
-        micro_grads = [g.float32() if g.dtype != "float32" else g for g in micro_grads]
-        grads = micro_grads if grads is None else [a + g for a, g in zip(grads, micro_grads)]
-        jt.sync([*terms.values(), *grads])
-        for name in TERMS:
-            if name in terms:
-                per_sample[name].append(terms[name].numpy())
-        t_seen.append(batch.t[part])
-    if jt.in_mpi:
-        grads = [g.mpi_all_reduce("mean") for g in grads]
-    if scale != 1.0:
-        grads = [g / scale for g in grads]
-    sq = sum((g * g).sum() for g in grads)
-    local_loss = float(np.mean(np.concatenate(per_sample["loss"])))
-    loss_var = jt.array(np.array([local_loss], dtype=np.float32))
-    if jt.in_mpi:
-        loss_var = loss_var.mpi_all_reduce("mean")
-    jt.sync([sq, loss_var, *grads])
-    grad_norm = math.sqrt(float(sq.item())) if np.isfinite(sq.item()) else float("inf")
-    global_loss = float(loss_var.item())
-
-    values: dict[str, Any] = {}
-    for name, chunks in per_sample.items():
-        if chunks:
-            samples = np.concatenate(chunks)
-            values[name] = float(samples.mean())
-            quartile = np.concatenate(t_seen) * 4 // cfg.schedule.num_timesteps
-            for q in range(4):
-                if (quartile == q).any():
-                    values[f"{name}_q{q}"] = float(samples[quartile == q].mean())
-    values["grad_norm"] = grad_norm
-
-    finite_loss = math.isfinite(global_loss)
-    if cfg.fp16 and finite_loss and not math.isfinite(grad_norm):
-        # Loss-scale overflow (guided-diffusion's MixedPrecisionTrainer): halve the scale, skip.
-        trainer.lg_loss_scale -= 1.0
-        values.update(skipped="fp16_overflow", lg_loss_scale=trainer.lg_loss_scale)
-        return values
-    if not (finite_loss and math.isfinite(grad_norm)):
-        trainer.bad_steps += 1
-        trainer.bad_in_a_row += 1
-        values["skipped"] = "non_finite"
+        group = self.optimizer.param_groups[0]
+        group["grads"] = [g.stop_grad() for g in grads]
+        self.optimizer.n_step = self.updates + 1
+        self.optimizer.step()
+        self.updates += 1
+        for p, master in zip(self.params, self.masters):
+            if master is not p:
+                p.update(master.cast(p.dtype))
+        self.ema.update()
+        jt.sync(self.masters + self.ema.vars() + group["m"] + group["values"])
+        if cfg.fp16:
+            self.lg_loss_scale += cfg.fp16_scale_growth
+            values["lg_loss_scale"] = self.lg_loss_scale
+        values["updates"] = self.updates
         return values
 
-    group = trainer.optimizer.param_groups[0]
-    group["grads"] = [g.stop_grad() for g in grads]
-    trainer.optimizer.n_step = trainer.updates + 1
-    trainer.optimizer.step()
-    trainer.updates += 1
-    for p, master in zip(trainer.params, trainer.masters):
-        if master is not p:
-            p.update(master.cast(p.dtype))
-    trainer.ema.update()
-    jt.sync(trainer.masters + trainer.ema.vars() + group["m"] + group["values"])
-    trainer.bad_in_a_row = 0
-    if cfg.fp16:
-        trainer.lg_loss_scale += cfg.fp16_scale_growth
-        values["lg_loss_scale"] = trainer.lg_loss_scale
-    return values
+    def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
+        return {"loss": f"{values.get('loss', float('nan')):.4f}", "mse": f"{values.get('mse', float('nan')):.4f}"}
+
+    # ------------------------------------------------------------------ samples
+    def write_samples(self, path: Path, step: int) -> None:
+        """A PNG grid: the first items' masks (colourised), their decoded latents, and DDIM samples
+        (``sample_steps`` steps, eta 0, no guidance) from noise under those masks, with the training weights."""
+        if self.decode is None:
+            return
+        config, store, unet = self.cfg, self.store, self.unet
+        count = min(config.sample_count, len(store))
+        latents, labels = store.batch(np.arange(count), np.zeros(count, dtype=np.int64))
+        mask = jt.array(one_hot(labels, NUM_CLASSES))
+        noise = jt.array(step_rng(config.seed, 0, 99).standard_normal(latents.shape, dtype=np.float32))
+        stride = max(1, self.schedule.num_timesteps // config.sample_steps)
+        timesteps = list(range(self.schedule.num_timesteps - 1, -1, -stride))
+        unet.eval()
+        with jt.no_grad():
+            sample = ddim_sample(lambda x_t, t: unet(x_t, t, mask), self.schedule, noise, timesteps)
+            images = to_uint8(self.decode(sample / config.latent_scale).numpy())
+            reference = to_uint8(self.decode(jt.array(latents)).numpy())
+        unet.train()
+        height, width = images.shape[1:3]
+        masks = [np.asarray(colorize(label)) for label in labels]
+        masks = [m if m.shape[:2] == (height, width) else
+                 np.kron(m, np.ones((height // m.shape[0], width // m.shape[1], 1), dtype=np.uint8)) for m in masks]
+        rows = [np.concatenate(masks, axis=1), np.concatenate(list(reference), axis=1),
+                np.concatenate(list(images), axis=1)]
+        save_image(path, np.concatenate(rows, axis=0))
 
 
-# ------------------------------------------------------------------------------ samples
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
-    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def write_samples(path: Path, unet, schedule, store: LatentStore, config: TrainConfig,
-                  decode: Callable[[jt.Var], jt.Var]) -> None:
-    """A PNG grid: the first items' masks (colourised), their decoded latents, and DDIM samples
-    (``sample_steps`` steps, eta 0, no guidance) from noise under those masks, with the training weights."""
-    count = min(config.sample_count, len(store))
-    latents, labels = store.batch(np.arange(count), np.zeros(count, dtype=np.int64))
-    mask = jt.array(one_hot(labels, NUM_CLASSES))
-    noise = jt.array(np.random.default_rng([config.seed, 99]).standard_normal(latents.shape, dtype=np.float32))
-    stride = max(1, schedule.num_timesteps // config.sample_steps)
-    timesteps = list(range(schedule.num_timesteps - 1, -1, -stride))
-    with jt.no_grad():
-        sample = ddim_sample(lambda x_t, t: unet(x_t, t, mask), schedule, noise, timesteps)
-        images = _to_uint8(decode(sample / config.latent_scale).numpy())
-        reference = _to_uint8(decode(jt.array(latents)).numpy())
-    height, width = images.shape[1:3]
-    masks = [np.asarray(colorize(label)) for label in labels]
-    masks = [m if m.shape[:2] == (height, width) else np.kron(m, np.ones((height // m.shape[0], width // m.shape[1], 1),
-                                                                         dtype=np.uint8)) for m in masks]
-    rows = [np.concatenate(masks, axis=1), np.concatenate(list(reference), axis=1),
-            np.concatenate(list(images), axis=1)]
-    save_image(path, np.concatenate(rows, axis=0))
-
-
-# ------------------------------------------------------------------------------ the loop
-def read_training_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    arrays, info = read_checkpoint(path)
-    if not str(info["kind"]).endswith(TRAIN_KIND_SUFFIX) or "training" not in info["extra"]:
-        raise WeightsError(f"{path}: not an LDM training checkpoint (kind {info['kind']!r})")
-    return arrays, info
-
-
+# ------------------------------------------------------------------------------ entry points
 def stored_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], TrainConfig, str]:
     """(network config, training config, latent store path) of the run in ``run_dir``."""
-    _, info = read_training_checkpoint(Path(run_dir) / CHECKPOINT)
-    config = info["config"]
+    path = checkpoint_to_resume(Path(run_dir))
+    if path is None:
+        raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'}: nothing to resume")
+    checkpoint = load_checkpoint(path, "unet")
+    if not checkpoint.training or "train" not in checkpoint.config:
+        raise WeightsError(f"{path}: not an LDM training checkpoint (kind {checkpoint.file_kind!r})")
+    config = checkpoint.config
     return dict(config["network"]), TrainConfig.from_dict(config["train"]), str(config["latents"])
-
-
-def _is_writer() -> bool:
-    return not jt.in_mpi or jt.rank == 0
 
 
 def train(unet, latents: str | os.PathLike | LatentStore, out_dir: str | os.PathLike,
@@ -415,126 +382,25 @@ def train(unet, latents: str | os.PathLike | LatentStore, out_dir: str | os.Path
     store until ``config.max_steps``; returns {"step", "updates", "bad_steps", "checkpoint", "first", "last"}.
 
     ``decode(latent) -> image in [-1, 1]`` enables the sample images (``RUN_DIR/samples``).
-    ``resume``: continue from ``RUN_DIR/checkpoints/last.safetensors`` (same network config).
+    ``resume``: continue the run in ``out_dir`` (same network config).
     Raises ``TrainingStopped`` after ``max_bad_steps`` non-finite steps in a row.
     """
-    out = Path(out_dir)
-    checkpoint = out / CHECKPOINT
     store = latents if isinstance(latents, LatentStore) else LatentStore(latents)
-    world = jt.world_size if jt.in_mpi else 1
-    if config.batch_size % (config.grad_accum * world):
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum ({config.grad_accum}) "
-                         f"x MPI ranks ({world})")
-    if config.fp16 and not jt.flags.use_cuda:
-        raise ValueError("fp16 mixed precision needs CUDA (on the CPU float16 is hundreds of times slower)")
-    if config.fp16 != bool(getattr(unet.config, "use_fp16", False)):
-        raise ValueError(f"fp16={config.fp16} but the network was built with use_fp16="
-                         f"{getattr(unet.config, 'use_fp16', False)}; build it with the same setting")
-    if resume and not checkpoint.is_file():
-        raise FileNotFoundError(f"{checkpoint}: nothing to resume")
-    if not resume and checkpoint.exists():
-        raise FileExistsError(f"{out} already holds a training run ({checkpoint}); pass --resume to continue "
-                              "it or choose another output folder")
-    c, h, w = store.latent_shape
-    if getattr(unet.config, "in_channels", c) != c:
-        raise ValueError(f"the network takes {unet.config.in_channels} latent channels, the store holds {c}")
-
-    if config.grad_checkpoint:
-        from models.staged import check_staged
-
-        check_staged(unet)
-    schedule = make_schedule(config.schedule)
-    trainer = _Trainer(unet, config)
-    unet_config = unet.config.to_dict()
+    task = LDMTask(unet, store, config, net_kind=net_kind, decode=decode)
     if resume:
-        arrays, info = read_training_checkpoint(checkpoint)
-        if info["config"].get("network") != unet_config:
-            raise WeightsError(f"{checkpoint}: the run's network config differs from the one given; resume "
+        network, _, _ = stored_config(out_dir)
+        if network != unet.config.to_dict():
+            raise WeightsError(f"{out_dir}: the run's network config differs from the one given; resume "
                                "with the same preset and options")
-        trainer.load(arrays, info["extra"]["training"], str(checkpoint))
-        _restore_rng_states(info["extra"].get("rng", {}))
-        log.info("resumed %s at step %d (%d updates)", checkpoint, trainer.step, trainer.updates)
-    run_config = {"network": unet_config,
-                  "diffusion": diffusion_section(dataclasses.asdict(config.schedule), "latent", config.latent_scale),
-                  "train": config.to_dict(), "latents": str(store.path),
-                  "latents_autoencoder_sha256": store.manifest.get("autoencoder_sha256"),
-                  "net_kind": net_kind}
-
-    def save() -> None:
-        if not _is_writer():
-            return
-        extra = {"training": trainer.counters(), "rng": _rng_states(config, trainer.step), "step": trainer.step}
-        save_checkpoint(checkpoint, trainer.arrays(), kind=net_kind + TRAIN_KIND_SUFFIX, config=run_config,
-                        extra=extra)
-
-    if _is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "options.json").write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+    c, h, w = store.latent_shape
     log.info("training on %d items of %dx%dx%d latents, batch %d (%d micro-batches, %d ranks), lr %.3g, "
              "mask dropout %.2f, EMA %.4g, to step %d", len(store), c, h, w, config.batch_size,
-             config.grad_accum, world, config.lr, config.mask_dropout, config.ema_decay, config.max_steps)
-
-    from tqdm import tqdm
-
+             config.grad_accum, jt.world_size if jt.in_mpi else 1, config.lr, config.mask_dropout,
+             config.ema_decay, config.max_steps)
     unet.train()
-    first = last = None
-    log_file = open(out / LOG_FILE, "a") if _is_writer() else None
-    try:
-        with tqdm(total=config.max_steps, initial=trainer.step, desc="ldm",
-                  disable=not (progress and _is_writer())) as bar:
-            while trainer.step < config.max_steps:
-                started = time.perf_counter()
-                jt.set_seed(_jittor_seed(config, trainer.step))
-                batch = draw_batch(store, config, trainer.step)
-                values = _step(trainer, schedule, batch)
-                trainer.step += 1
-                record = {"step": trainer.step, **values, "updates": trainer.updates,
-                          "bad_steps": trainer.bad_steps, "mask_kept": float(batch.kept.mean()),
-                          "seconds": round(time.perf_counter() - started, 4)}
-                last = record
-                first = first or record
-                if log_file is not None:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                if step_hook is not None:
-                    step_hook(trainer.step, record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}",
-                                mse=f"{values.get('mse', float('nan')):.4f}", skipped=trainer.bad_steps)
-                if trainer.bad_in_a_row >= config.max_bad_steps:
-                    raise TrainingStopped(
-                        f"stopped at step {trainer.step}: {trainer.bad_in_a_row} steps in a row had a non-finite "
-                        f"loss or gradient (last loss {values.get('loss')}); the last good checkpoint is "
-                        f"{checkpoint}. Lower --lr, check the latent store, or resume from that checkpoint")
-                if config.save_every and trainer.step % config.save_every == 0:
-                    save()
-                if (decode is not None and config.sample_every and trainer.step % config.sample_every == 0
-                        and _is_writer()):
-                    unet.eval()
-                    write_samples(out / "samples" / f"step_{trainer.step:07d}.png", unet, schedule, store,
-                                  config, decode)
-                    unet.train()
-        if not config.save_every or trainer.step % config.save_every or first is None:
-            save()
-    finally:
-        if log_file is not None:
-            log_file.close()
-    return {"step": trainer.step, "updates": trainer.updates, "bad_steps": trainer.bad_steps,
-            "checkpoint": str(checkpoint), "first": first, "last": last}
-
-
-def export_ema(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "ema",
-               dtype: str = "float32") -> None:
-    """Write the ``which`` weights ("ema" or "model") of a training checkpoint as a weights
-    checkpoint of the network's kind (e.g. "unet"), with the network config."""
-    from weights.checkpoint import weights_of
-
-    arrays, info = read_training_checkpoint(checkpoint)
-    weights, kind = weights_of(arrays, info, which)
-    weights = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
-    extra = {"source": str(checkpoint), "weights": which, "step": info["extra"].get("step")}
-    config = {"network": info["config"]["network"], "diffusion": info["config"]["diffusion"]}
-    save_checkpoint(out, weights, kind=kind, config=config, extra=extra)
+    result = run(task, out_dir, config.loop(), resume=resume, progress=progress, step_hook=step_hook)
+    return {"step": result.step, "updates": task.updates, "bad_steps": result.bad_steps,
+            "checkpoint": result.checkpoint, "first": result.first, "last": result.last}
 
 
 def latent_std(store: LatentStore) -> float:

@@ -25,7 +25,7 @@ the default VGG16 configuration's names that ``weights.foreign.read_weights`` ca
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image

@@ -24,7 +24,7 @@ being resized (bicubic) to the size the segmenter was trained at and the predict
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -135,11 +135,12 @@ def mask_accuracy(model: Segmenter, image: np.ndarray, label: np.ndarray) -> flo
 
 
 def load_segmenter(path: str | os.PathLike) -> Segmenter:
-    """Rebuild a segmenter from a checkpoint written by ``tools/train_segmenter.py`` (eval mode)."""
+    """Rebuild a segmenter from a checkpoint written by ``python train.py segmenter`` (a run's training
+    checkpoint or an exported one); eval mode."""
     checkpoint = load_checkpoint(path)
     if checkpoint.kind != CHECKPOINT_KIND:
         raise WeightsError(f"{path}: a {checkpoint.kind!r} checkpoint, expected a {CHECKPOINT_KIND!r} "
-                           "checkpoint written by `python -m tools.train_segmenter`")
+                           "checkpoint written by `python train.py segmenter`")
     model = Segmenter(checkpoint.network_config(SegmenterConfig))
     load_weights(model, checkpoint.weights("model"), str(path))
     model.eval()

@@ -10,23 +10,18 @@ with the whole-image means and standard deviations (cv2.meanStdDev, population s
 to 2 decimals first, as the official code does. A channel with std 0 (after rounding) maps to
 the reference's mean instead of dividing by zero.
 
-    python -m tools.color_transfer --results OUT --input_path MASKS --img_path TRAIN_ROOT --output OUT2
+    python -m tools.color_transfer --results OUT --input_path MASKS --img_path TRAIN_ROOT --output_path OUT2
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-
 from datasets import DataError, TestSet, load_image, save_image
 
-log = logging.getLogger("iidm.color_transfer")
 
 
 def lab_statistics(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,17 +5,15 @@
 Image paths in the page are relative to it, so the folder can be moved or copied whole. The
 coloured masks are written as PNGs into ``gallery/`` beside the page.
 
-    python -m tools.gallery --results OUT --input_path MASKS --img_path TRAIN_ROOT [--mapping FILE]
+    python -m tools.gallery --results OUT --input_path MASKS --img_path TRAIN_ROOT  (or write_gallery from code)
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,10 +21,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-
 from datasets import CLASS_NAMES, PALETTE, DataError, colorize, load_label, save_image
 from datasets.io import atomic_write
-from datasets.landscape import MAPPING_FILE, _read_mapping, find_image_folder
+from datasets.landscape import test_entries
 
 log = logging.getLogger("iidm.gallery")
 
@@ -37,7 +34,7 @@ DISPLAY_HEIGHT = 160  # pixels; rounds at half that
 
 
 def round_path(results: Path, name: str, index: int) -> Path:
-    """Where ``infer.py --save-rounds`` keeps round ``index`` of image ``name``."""
+    """Where ``infer.py --save_rounds`` keeps round ``index`` of image ``name``."""
     return Path(results) / ROUNDS_FOLDER / f"{name}_round{index}.jpg"
 
 
@@ -139,18 +136,16 @@ def write_gallery(page: Path, rows: Sequence[GalleryRow], title: str = "IIDM res
 def gallery_rows(results: Path, mask_dir: Path, img_root: Path, mapping_file: Path | None = None
                  ) -> list[GalleryRow]:
     """Rows for every mask in ``mask_dir`` whose output exists in ``results``."""
-    mapping = _read_mapping(Path(mapping_file) if mapping_file else Path(mask_dir) / MAPPING_FILE)
-    image_dir = find_image_folder(img_root)
     rows = []
-    for mask_path in sorted(Path(mask_dir).glob("*.png")):
-        output = Path(results) / f"{mask_path.stem}.jpg"
-        if not output.is_file() or mask_path.name not in mapping:
+    for entry in test_entries(mask_dir, img_root, mapping_file):
+        output = Path(results) / f"{entry.name}.jpg"
+        if not output.is_file() or entry.reference_path is None:
             continue
         try:
-            label = load_label(mask_path)
+            label = load_label(entry.mask_path)
         except DataError as exc:
-            log.warning("gallery: %s left out (%s)", mask_path.name, exc)
+            log.warning("gallery: %s left out (%s)", entry.mask_path.name, exc)
             continue
-        rows.append(GalleryRow(mask_path.stem, label, image_dir / mapping[mask_path.name],
-                               output, tuple(find_rounds(results, mask_path.stem))))
+        rows.append(GalleryRow(entry.name, label, entry.reference_path, output,
+                               tuple(find_rounds(results, entry.name))))
     return rows

@@ -227,9 +227,13 @@ def test_train_py_refusals(train_root, tmp_path, capsys):
     assert main(["autoencoder", "--data", str(train_root), "--out", str(tmp_path / "none"), "--resume",
                  "--preset", "tiny"]) == 1
     assert "nothing to resume" in capsys.readouterr().err
-    assert main(["autoencoder", "--data", str(train_root), "--out", str(tmp_path / "x"), "--preset", "tiny",
-                 "--lpips_vgg", "vgg16.pth"]) == 1
-    assert "LPIPS needs both weight files" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["autoencoder", "--data", str(train_root), "--out", str(tmp_path / "x"), "--preset", "tiny",
+              "--lpips_vgg", "vgg16.pth"])
+    assert exit_.value.code == 2 and "LPIPS needs both weight files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["autoencoder", "--data", str(train_root), "--out", str(tmp_path / "x"), "--latents", str(train_root)])
+    assert "--latents: not an option of the autoencoder stage" in capsys.readouterr().err
 
 
 def test_restart_dead_codes_sets_unused_codes_to_encoder_outputs(jt, tiny):
@@ -277,3 +281,24 @@ def test_codebook_restart_initialises_from_data_and_resumes_exactly(jt, train_ro
     a = module_arrays(load_vqmodel(tmp_path / "whole" / "checkpoints" / "last.safetensors"))
     b = module_arrays(load_vqmodel(tmp_path / "split" / "checkpoints" / "last.safetensors"))
     np.testing.assert_allclose(b["quantize.embedding.weight"], a["quantize.embedding.weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_is_bit_exact_discriminator_statistics_included(jt, tmp_path):
+    """3 + 3 resumed steps write the same bytes as 6 straight ones: weights, the discriminator's
+    BatchNorm running statistics, both Adams' moments."""
+    from datasets.synthetic import write_dataset
+    from train import main
+    from weights.checkpoint import read_checkpoint
+
+    write_dataset(tmp_path / "data", 4, 24, 32, seed=0, n_test=1)
+    common = ["autoencoder", "--data", str(tmp_path / "data" / "train"), "--preset", "tiny", "--height", "24",
+              "--width", "32", "--batch_size", "2", "--lr", "1e-3", "--sample_every", "0", "--save_every", "3",
+              "--disc_start", "0", "--cpu"]
+    assert main(common + ["--output_path", str(tmp_path / "whole"), "--max_steps", "6"]) == 0
+    assert main(common + ["--output_path", str(tmp_path / "split"), "--max_steps", "3"]) == 0
+    assert main(["autoencoder", "--output_path", str(tmp_path / "split"), "--resume", "--max_steps", "6", "--cpu"]) == 0
+    whole, _ = read_checkpoint(tmp_path / "whole" / "checkpoints" / "last.safetensors")
+    split, _ = read_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors")
+    assert whole.keys() == split.keys() and any(k.startswith("disc/") and "running_mean" in k for k in whole)
+    for name in whole:
+        np.testing.assert_array_equal(split[name], whole[name], err_msg=name)

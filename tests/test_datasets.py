@@ -246,3 +246,20 @@ def test_atomic_write_keeps_the_old_file_on_error_and_leaves_no_temporary(tmp_pa
     with atomic_write(path, "wb") as f:
         f.write(b"new")
     assert path.read_bytes() == b"new"
+
+
+def test_references_outside_the_reference_folder_are_refused(tmp_path):
+    """A mapping entry may only name a file inside the reference folder: ``../x.jpg`` or an absolute
+    path would read a photo from elsewhere, even when that file exists."""
+    from datasets.landscape import test_entries
+
+    masks, train = _write_test_input(tmp_path, {"m1.png": "../outside.jpg", "m2.png": str(tmp_path / "abs.jpg")})
+    for name in ("outside.jpg", "abs.jpg"):
+        (tmp_path / name).write_bytes((train / "imgs" / "r1.jpg").read_bytes())
+    (train / "outside.jpg").write_bytes((train / "imgs" / "r1.jpg").read_bytes())
+    entries = test_entries(masks, train)
+    assert [e.name for e in entries] == ["m1", "m2"]
+    assert "'../outside.jpg' of m1.png is not a file name inside" in entries[0].problem
+    assert "abs.jpg' of m2.png is not a file name inside" in entries[1].problem
+    with pytest.raises(DataError, match=r"reference photos not found: \.\./outside\.jpg \(for m1\.png\)"):
+        TestSet(masks, train)

@@ -7,7 +7,7 @@ def test_infer_without_a_model_says_so_and_generates_nothing(tmp_path, capsys, m
     monkeypatch.setattr(infer, "DEMO_CHECKPOINT", tmp_path / "absent.safetensors")
     status = infer.main(["--cpu", "--output_path", str(tmp_path / "out")])
     assert status == infer.NO_MODEL != 0
-    assert "no model is available yet" in capsys.readouterr().err
+    assert "no model is available" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

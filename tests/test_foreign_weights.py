@@ -9,6 +9,7 @@ written by torch.save itself.
 
 import collections
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -341,14 +342,53 @@ def test_jittor_pkl_round_trip_and_checksum(jt, tmp_path):
 
 
 def test_plain_pickles_of_numpy_arrays_any_protocol(tmp_path):
-    arrays = {"a": np.arange(6, dtype=">f8").reshape(2, 3), "b": np.ones((2, 2), np.int32, order="F")}
+    from weights.foreign import LazyArray, open_weights
+
+    large = np.arange(40_000, dtype=">f4").reshape(200, 200).T     # 160 kB: left in the file until read
+    arrays = {"a": np.arange(6, dtype=">f8").reshape(2, 3), "b": np.ones((2, 2), np.int32, order="F"),
+              "large": np.asfortranarray(large)}
     for protocol in (2, 4, 5):
         path = tmp_path / f"p{protocol}.pkl"
         path.write_bytes(pickle.dumps({**arrays, "s": np.float32(2.5)}, protocol=protocol))
         got, _ = read_weights(path)
-        np.testing.assert_array_equal(got["a"], arrays["a"])
-        np.testing.assert_array_equal(got["b"], arrays["b"])
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(got[name], value)
+            assert got[name].dtype == value.dtype.newbyteorder("=")
         assert got["s"] == np.float32(2.5)
+        lazy, _ = open_weights(path)
+        assert isinstance(lazy["large"], LazyArray) == (protocol >= 4)   # protocol 2 pickles bytes as text
+        assert lazy["large"].shape == (200, 200) and lazy["large"].dtype == np.dtype("float32")
+        np.testing.assert_array_equal(np.asarray(lazy["large"]), large)
+    data = (tmp_path / "p4.pkl").read_bytes()
+    (tmp_path / "cut.pkl").write_bytes(data[:len(data) // 2])
+    with pytest.raises(WeightsError, match="cut.pkl: .*(cut short|reaches past the end of the file)"):
+        read_weights(tmp_path / "cut.pkl")
+
+
+def test_large_jittor_arrays_and_safetensors_are_read_lazily(jt, tmp_path):
+    from safetensors.numpy import save_file
+
+    from weights.foreign import LazyArray, open_weights
+
+    rng = np.random.default_rng(1)
+    state = {"w": rng.standard_normal((64, 32, 3, 3)).astype(np.float32), "b": np.arange(4, dtype=np.float32)}
+    jt.save({k: jt.array(v) for k, v in state.items()}, str(tmp_path / "big.pkl"))
+    lazy, info = open_weights(tmp_path / "big.pkl")
+    assert info.format == "jittor-pkl" and isinstance(lazy["w"], LazyArray)
+    np.testing.assert_array_equal(lazy["w"].numpy(), state["w"])
+    np.testing.assert_array_equal(np.asarray(lazy["b"]), state["b"])
+
+    bf16 = (state["w"].view(np.uint32) >> 16).astype(np.uint16)    # bit patterns, read back as float32
+    save_file({"w": state["w"], "half": state["b"].astype(np.float16)}, str(tmp_path / "plain.safetensors"))
+    lazy, info = open_weights(tmp_path / "plain.safetensors")
+    assert info.format == "safetensors" and all(isinstance(v, LazyArray) for v in lazy.values())
+    np.testing.assert_array_equal(lazy["w"].numpy(), state["w"])
+    assert lazy["half"].numpy().dtype == np.float16
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [64, 32, 3, 3], "data_offsets": [0, bf16.nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (tmp_path / "bf16.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bf16.tobytes())
+    lazy, _ = open_weights(tmp_path / "bf16.safetensors")
+    np.testing.assert_array_equal(lazy["w"].numpy(), (bf16.astype(np.uint32) << 16).view(np.float32))
 
 
 # ----------------------------------------------------------------------------- hostile files
@@ -421,14 +461,24 @@ def test_select_weights_and_find_prefix():
 
 
 # ----------------------------------------------------------------------------------- converter
+def project_config(path, network):
+    """A --config file in this project's layout: the tiny presets' group norms (4) are not
+    upstream's (32), so a foreign file built with them must say so."""
+    import json
+
+    path.write_text(json.dumps({"network": network.to_dict()}))
+    return str(path)
+
+
 def test_converter_round_trip_and_plain_word_report(jt, tmp_path, capsys):
-    from autoencoder.vqmodel import load_vqmodel
+    from autoencoder.vqmodel import load_vqmodel, vq_config
     from weights.checkpoint import module_arrays
     from tools.convert_weights import main
 
     weights = taming_state()
     write_lightning(tmp_path / "last.ckpt", {**weights, **loss_state()})
-    assert main(["--kind", "vqmodel", "--preset", "tiny", str(tmp_path / "last.ckpt"), str(tmp_path / "vq.safetensors")]) == 0
+    tiny = project_config(tmp_path / "tiny.json", vq_config("tiny"))
+    assert main(["--kind", "vqmodel", "--config", tiny, str(tmp_path / "last.ckpt"), str(tmp_path / "vq.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "ignored 3 training-only weight(s) under 'loss.'" in out
     assert "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint" in out
@@ -461,11 +511,12 @@ def test_converter_round_trip_and_plain_word_report(jt, tmp_path, capsys):
     prefixed["model.diffusion_model.out.2.weight"] = np.zeros((3, 4, 3, 3), np.float32)
     tensors, storages = tensors_of(prefixed)
     write_torch_zip(tmp_path / "ldm.ckpt", {"state_dict": tensors}, storages)
-    assert main(["--preset", "tiny", str(tmp_path / "ldm.ckpt"), str(tmp_path / "from_ldm.safetensors")]) == 0
+    assert main(["--config", tiny, str(tmp_path / "ldm.ckpt"), str(tmp_path / "from_ldm.safetensors")]) == 0
     assert "weights under 'first_stage_model.'" in capsys.readouterr().out
 
 
 def test_converter_lists_misfits_and_writes_nothing(jt, tmp_path, capsys):
+    from autoencoder.vqmodel import vq_config
     from tools.convert_weights import main
 
     weights = taming_state()
@@ -474,7 +525,8 @@ def test_converter_lists_misfits_and_writes_nothing(jt, tmp_path, capsys):
     weights["quant_conv.weight"] = np.zeros((3, 3, 3, 3), np.float32)
     tensors, storages = tensors_of(weights)
     write_torch_zip(tmp_path / "bad.pth", tensors, storages)
-    assert main(["--preset", "tiny", str(tmp_path / "bad.pth"), str(tmp_path / "out.safetensors")]) == 1
+    tiny = project_config(tmp_path / "tiny.json", vq_config("tiny"))
+    assert main(["--config", tiny, str(tmp_path / "bad.pth"), str(tmp_path / "out.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "nothing was written" in err
     assert "The file lacks 1 weight(s) the network needs:\n  decoder.norm_out.bias (8,)" in err
@@ -499,7 +551,8 @@ def test_converter_unet_from_sdm_state_dict_and_class_count_mismatch(jt, tmp_pat
                  for k, v in module_arrays(UNetModel(unet_preset("tiny"))).items()}
     tensors, storages = tensors_of({f"module.{k}": v for k, v in reference.items()})
     write_torch_zip(tmp_path / "ema_0.9999_000100.pt", tensors, storages)
-    assert main(["--kind", "unet", "--preset", "tiny", str(tmp_path / "ema_0.9999_000100.pt"),
+    tiny = project_config(tmp_path / "tiny.json", unet_preset("tiny"))
+    assert main(["--kind", "unet", "--config", tiny, str(tmp_path / "ema_0.9999_000100.pt"),
                  str(tmp_path / "unet.safetensors"), "--schedule", "linear:1000", "--latent_scale", "1"]) == 0
     assert "weights under 'module.'" in capsys.readouterr().out
     arrays, info = read_checkpoint(tmp_path / "unet.safetensors")
@@ -514,7 +567,7 @@ def test_converter_unet_from_sdm_state_dict_and_class_count_mismatch(jt, tmp_pat
     wrong = {k: v for k, v in module_arrays(UNetModel(unet_preset("tiny", num_classes=30))).items()}
     tensors, storages = tensors_of(wrong)
     write_torch_zip(tmp_path / "thirty.pt", tensors, storages)
-    assert main(["--kind", "unet", "--preset", "tiny", str(tmp_path / "thirty.pt"),
+    assert main(["--kind", "unet", "--config", tiny, str(tmp_path / "thirty.pt"),
                  str(tmp_path / "bad.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "nothing was written" in err

@@ -5,17 +5,16 @@ one-image use, the embedded demo and its gallery)."""
 import json
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import infer
-from weights.checkpoint import WeightsError
-from datasets import DataError, save_label
+from datasets import DataError, save_image, save_label
 from datasets.synthetic import write_dataset
 from ldm import pipeline
+from synthesis import batch, demo
 
 HEIGHT, WIDTH = 16, 24  # multiples of 8: the tiny VQ (f = 4) times the tiny U-Net (2 levels)
 FAST = ["--cpu", "--preset", "fast", "--steps", "2", "--batch_size", "2"]
@@ -26,7 +25,7 @@ FAST = ["--cpu", "--preset", "fast", "--steps", "2", "--batch_size", "2"]
 def test_shards_cover_every_item_once(world_size):
     for n in range(12):
         items = [f"m{i}" for i in range(n)]
-        shards = [infer.shard(items, rank, world_size) for rank in range(world_size)]
+        shards = [batch.shard(items, rank, world_size) for rank in range(world_size)]
         merged = sorted(x for s in shards for x in s)
         assert merged == sorted(items)
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
@@ -35,7 +34,7 @@ def test_shards_cover_every_item_once(world_size):
 
 def test_shard_rejects_a_bad_rank():
     with pytest.raises(ValueError, match="rank must be in 0..world_size-1"):
-        infer.shard([1, 2], 2, 2)
+        batch.shard([1, 2], 2, 2)
 
 
 def test_list_jobs_marks_missing_references(tmp_path):
@@ -45,20 +44,20 @@ def test_list_jobs_marks_missing_references(tmp_path):
     for name in ("a", "b", "c"):
         save_label(masks / f"{name}.png", np.zeros((4, 4), np.uint8))
     (masks / "label_to_img.json").write_text(json.dumps({"a.png": "r.jpg", "b.png": "gone.jpg"}))
-    jobs = infer.list_jobs(masks, tmp_path / "train", tmp_path / "out")
+    jobs = batch.list_jobs(masks, tmp_path / "train", tmp_path / "out")
     assert [j.name for j in jobs] == ["a", "b", "c"]
     assert jobs[0].error is None and jobs[0].output == tmp_path / "out" / "a.jpg"
     assert "gone.jpg: reference photo not found (for b.png)" in jobs[1].error
     assert "no reference given for c.png" in jobs[2].error
     (masks / "label_to_img.json").unlink()
     with pytest.raises(DataError, match="label_to_img.json: not found"):
-        infer.list_jobs(masks, tmp_path / "train", tmp_path / "out")
+        batch.list_jobs(masks, tmp_path / "train", tmp_path / "out")
 
 
 def test_parse_size():
-    assert infer.parse_size("384x512") == (384, 512) and infer.parse_size(None) is None
+    assert batch.parse_size("384x512") == (384, 512) and batch.parse_size(None) is None
     with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
-        infer.parse_size("512")
+        batch.parse_size("512")
 
 
 def test_no_model_names_both_demo_files(tmp_path, capsys, monkeypatch):
@@ -67,7 +66,7 @@ def test_no_model_names_both_demo_files(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(infer, "DEMO_OUTPUT", tmp_path / "demo")
     assert infer.main(["--cpu"]) == infer.NO_MODEL
     err = capsys.readouterr().err
-    assert "no model is available yet" in err and "unet.safetensors" in err and "vq.safetensors" in err
+    assert "no model is available" in err and "unet.safetensors" in err and "vq.safetensors" in err
     assert not (tmp_path / "demo").exists()
 
 
@@ -104,7 +103,9 @@ def test_models_apply_the_checkpoint_latent_scale(tmp_path, models, jt):
     scaled = tmp_path / "scaled.safetensors"
     config = {**info["config"], "diffusion": {**info["config"]["diffusion"], "latent_scale": 4.0}}
     save_checkpoint(scaled, arrays, kind="unet", config=config)
-    plain, times4 = infer.Models([unet], vq), infer.Models([scaled], vq)
+    from synthesis import Generator
+
+    plain, times4 = Generator([unet], vq), Generator([scaled], vq)
     images = np.random.default_rng(0).integers(0, 256, (1, HEIGHT, WIDTH, 3), dtype=np.uint8)
     a, b = plain.encode(images).numpy(), times4.encode(images).numpy()
     np.testing.assert_allclose(b, 4.0 * a, rtol=1e-6, atol=1e-7)
@@ -120,11 +121,14 @@ def outputs(out):
     return sorted(p.name for p in out.glob("*.jpg"))
 
 
-def test_batch_restart_overwrite_and_rounds(tmp_path, models, monkeypatch, capsys):
+def test_batch_restart_overwrite_and_rounds(tmp_path, models, monkeypatch, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="iidm")
     unet, vq = models
     out = tmp_path / "out"
     args = dataset(tmp_path / "data", 2) + ["--output_path", str(out), "--ckpt", str(unet), "--vq", str(vq), *FAST]
-    assert infer.main(args + ["--save-rounds"]) == 0
+    assert infer.main(args + ["--save_rounds"]) == 0
     names = ["00003.jpg", "00004.jpg"]
     assert outputs(out) == names
     for name in names:
@@ -133,7 +137,13 @@ def test_batch_restart_overwrite_and_rounds(tmp_path, models, monkeypatch, capsy
     assert sorted(p.name for p in (out / "rounds").iterdir()) == [
         f"0000{i}_round{k}.jpg" for i in (3, 4) for k in range(3)]
     line = capsys.readouterr().out
-    assert re.search(r"2 images in [\d.]+ s \([\d.]+ s per image\), 12 U-Net passes per image", line)
+    assert re.search(r"2 images in [\d.]+ s \([\d.]+ s per image, [\d.]+ per minute\), 12 U-Net passes per image",
+                     line)
+    # each round's time and each batch's rate are logged
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum(bool(re.fullmatch(rf"round {k}: [\d.]+ s for 2 image\(s\) of {HEIGHT}x{WIDTH}", m))
+               for m in logged for k in range(3)) == 3
+    assert any(re.fullmatch(r"batch of 2: [\d.]+ s \([\d.]+ images per minute\)", m) for m in logged)
 
     calls = []
     real_run = pipeline.run_rounds
@@ -210,8 +220,8 @@ def test_one_image(tmp_path, models):
     dataset(root, 1)
     out = tmp_path / "one" / "o.jpg"
     assert infer.main(["--mask", str(root / "test" / "labels" / "00003.png"), "--ref",
-                       str(root / "train" / "imgs" / "00001.jpg"), "--out", str(out), "--ckpt", str(unet),
-                       "--vq", str(vq), "--save-rounds", *FAST]) == 0
+                       str(root / "train" / "imgs" / "00001.jpg"), "--output_path", str(out), "--ckpt", str(unet),
+                       "--vq", str(vq), "--save_rounds", *FAST]) == 0
     with Image.open(out) as image:
         assert image.size == (WIDTH, HEIGHT)
     assert sorted(p.name for p in (tmp_path / "one" / "rounds").iterdir()) == [f"o_round{k}.jpg" for k in range(3)]
@@ -219,7 +229,7 @@ def test_one_image(tmp_path, models):
     save_label(tmp_path / "odd.png", np.zeros((12, 20), np.uint8))
     odd = tmp_path / "odd.jpg"
     assert infer.main(["--mask", str(tmp_path / "odd.png"), "--ref", str(root / "train" / "imgs" / "00001.jpg"),
-                       "--out", str(odd), "--ckpt", str(unet), "--vq", str(vq), "--size", f"{HEIGHT}x{WIDTH}",
+                       "--output-path", str(odd), "--ckpt", str(unet), "--vq", str(vq), "--size", f"{HEIGHT}x{WIDTH}",
                        *FAST]) == 0
     with Image.open(odd) as image:
         assert image.size == (20, 12)
@@ -240,22 +250,122 @@ def test_demo_writes_outputs_and_gallery(tmp_path, models, monkeypatch, capsys):
     monkeypatch.setattr(infer, "DEMO_CHECKPOINT", unet)
     monkeypatch.setattr(infer, "DEMO_VQ", vq)
     monkeypatch.setattr(infer, "DEMO_OUTPUT", tmp_path / "demo")
-    monkeypatch.setattr(infer, "DEMO_HEIGHT", HEIGHT)
-    monkeypatch.setattr(infer, "DEMO_WIDTH", WIDTH)
-    monkeypatch.setattr(infer, "DEMO_MASKS", 2)
-    monkeypatch.setattr(infer, "DEMO_PHOTOS", 3)
-    assert infer.main(FAST + ["--save-rounds"]) == 0
-    demo = tmp_path / "demo"
-    assert outputs(demo) == ["00003.jpg", "00004.jpg"]
-    page = demo / "gallery.html"
+    monkeypatch.setattr(demo, "DEMO_HEIGHT", HEIGHT)
+    monkeypatch.setattr(demo, "DEMO_WIDTH", WIDTH)
+    monkeypatch.setattr(demo, "DEMO_MASKS", 2)
+    monkeypatch.setattr(demo, "DEMO_PHOTOS", 3)
+    assert infer.main(FAST + ["--save_rounds"]) == 0
+    folder = tmp_path / "demo"
+    assert outputs(folder) == ["00003.jpg", "00004.jpg"]
+    page = folder / "gallery.html"
     assert f"gallery: {page}" in capsys.readouterr().out
     parser = Sources()
     parser.feed(page.read_text())
     # per row: reference, coloured mask, output, 3 rounds; every path relative and present
     assert len(parser.sources) == 2 * 6
     for src in parser.sources:
-        assert not src.startswith("/") and (demo / src).is_file(), src
+        assert not src.startswith("/") and (folder / src).is_file(), src
     html = page.read_text()
     assert "sky" in html and 'class="legend"' in html
-    with Image.open(demo / "gallery" / "00003_mask.png") as mask:
+    with Image.open(folder / "gallery" / "00003_mask.png") as mask:
         assert mask.size == (WIDTH, HEIGHT)
+
+
+# ------------------------------------------------------------------------------ checked early
+def refuse_to_load(monkeypatch):
+    """Fail the test if a model gets loaded."""
+    import synthesis.generator
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+    monkeypatch.setattr(synthesis.generator, "Generator", load)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "x"], "--steps must be a positive integer"),
+    (["--preset", "iidm", "--steps", "4"], "fixed recipe"),
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--quality", "101"], "--quality must be in 1..100"),
+    (["--size", "12"], "HEIGHTxWIDTH"),
+    (["--mask", "m.png", "--ref", "r.jpg"], "needs all of --mask, --ref and --output_path"),
+    (["--mapping", "x.json"], "--mapping needs --input_path"),
+])
+def test_bad_options_exit_2_before_any_model_is_loaded(options, message, monkeypatch, capsys):
+    refuse_to_load(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(["--cpu", *options])
+    assert exit_.value.code == infer.USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_options_of_another_mode_are_refused(tmp_path, monkeypatch, capsys):
+    refuse_to_load(monkeypatch)
+    save_label(tmp_path / "m.png", np.zeros((HEIGHT, WIDTH), np.uint8))
+    Image.new("RGB", (WIDTH, HEIGHT)).save(tmp_path / "r.jpg")
+    one = ["--cpu", "--mask", str(tmp_path / "m.png"), "--ref", str(tmp_path / "r.jpg"),
+           "--output_path", str(tmp_path / "o.jpg")]
+    for flag in ("--gallery", "--overwrite"):
+        with pytest.raises(SystemExit):
+            infer.main(one + [flag])
+        assert f"{flag} applies to a folder of masks" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        infer.main(["--cpu", "--mask", str(tmp_path / "gone.png")] + one[3:])
+    assert "gone.png: not found" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_is_found_before_loading(tmp_path, models, monkeypatch, capsys):
+    unet, vq = models
+    refuse_to_load(monkeypatch)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    args = dataset(tmp_path / "data", 1) + ["--output_path", str(blocker / "out"), "--ckpt", str(unet),
+                                            "--vq", str(vq), *FAST]
+    assert infer.main(args) == infer.FAILED
+    assert f"{blocker / 'out'}: cannot write there" in capsys.readouterr().err
+
+
+def test_a_full_disk_stops_the_run(tmp_path, models, monkeypatch, capsys):
+    import errno
+
+    import synthesis.batch
+
+    unet, vq = models
+    out = tmp_path / "out"
+    args = dataset(tmp_path / "data", 3) + ["--output_path", str(out), "--ckpt", str(unet), "--vq", str(vq),
+                                            "--cpu", "--preset", "fast", "--steps", "2", "--batch_size", "1"]
+    written = []
+
+    def full_after_one(path, image, quality=95):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written.append(path)
+        save_image(path, image, quality)
+
+    calls = []
+    real_run = pipeline.run_rounds
+    monkeypatch.setattr(pipeline, "run_rounds", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    monkeypatch.setattr(synthesis.batch, "save_image", full_after_one)
+    assert infer.main(args) == infer.FAILED
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "stopped with 1 image(s) not generated" in err
+    assert calls == [1, 1], "generation went on after the disk was full"
+    assert outputs(out) == ["00003.jpg"]
+
+
+@pytest.mark.parametrize("preset, quality", [("iidm", 75), ("fast", 95)])
+def test_jpeg_quality_follows_the_preset(tmp_path, models, monkeypatch, preset, quality):
+    """The official submission wrote PIL's default quality 75; the other presets write 95."""
+    unet, vq = models
+    seen = {}
+
+    def record(jobs, generator, rounds, **options):
+        seen.update(options)
+        return batch.BatchReport()
+    monkeypatch.setattr(infer, "generate_jobs", record)
+    args = dataset(tmp_path / "data", 1) + ["--output_path", str(tmp_path / "out"), "--ckpt", str(unet),
+                                            "--vq", str(vq), "--cpu", "--preset", preset]
+    assert infer.main(args) == 0
+    assert seen["quality"] == quality
+    assert infer.main(args + ["--quality", "60", "--overwrite"]) == 0
+    assert seen["quality"] == 60

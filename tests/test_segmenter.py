@@ -1,5 +1,5 @@
 """The plug-in segmenter for M: it learns a tiny synthetic set, its checkpoint round-trips through
-tools/train_segmenter.py, and mask accuracy is plain pixel accuracy at the label map's size."""
+``train.py segmenter``, and mask accuracy is plain pixel accuracy at the label map's size."""
 
 import numpy as np
 import pytest
@@ -20,40 +20,40 @@ def train_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(jt, train_root, tmp_path_factory):
     """A short run through the command line; returns (checkpoint path, training set)."""
+    import train
     from datasets import TrainingSet
-    from tools import train_segmenter
 
-    path = tmp_path_factory.mktemp("ckpt") / "segmenter.safetensors"
-    status = train_segmenter.main([str(train_root), "--out", str(path), "--height", str(HEIGHT),
-                                   "--width", str(WIDTH), "--steps", "6", "--batch_size", "8",
-                                   "--widths", WIDTHS, "--log_every", "3", "--cpu"])
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    status = train.main(["segmenter", "--data", str(train_root), "--output_path", str(run), "--height", str(HEIGHT),
+                         "--width", str(WIDTH), "--max_steps", "6", "--batch_size", "8", "--widths", WIDTHS, "--cpu"])
     assert status == 0
-    return path, TrainingSet(train_root, HEIGHT, WIDTH)
+    return run / "checkpoints" / "last.safetensors", TrainingSet(train_root, HEIGHT, WIDTH)
 
 
 def test_training_loss_falls_quickly(jt, train_root):
-    from datasets import TrainingSet, NUM_CLASSES
+    from datasets import NUM_CLASSES, TrainingSet
     from scoring.segmenter import SegmenterConfig
-    from tools.train_segmenter import train_segmenter
+    from scoring.segmenter_training import SegmenterTask, SegmenterTrainConfig
 
     config = SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
-    _, history = train_segmenter(TrainingSet(train_root, HEIGHT, WIDTH), config, steps=60,
-                                 batch_size=8, lr=5e-3, log_every=5)
-    first, last = history[0][1], np.mean([loss for _, loss, _ in history[-3:]])
+    task = SegmenterTask(TrainingSet(train_root, HEIGHT, WIDTH), config,
+                         SegmenterTrainConfig(batch_size=8, lr=5e-3, max_steps=60))
+    losses = [task.step(step)["loss"] for step in range(60)]
+    first, last = losses[0], np.mean(losses[-3:])
     assert first > 0.5 * np.log(NUM_CLASSES)            # starts near chance
     assert last < 0.6 * first
 
 
 @pytest.mark.slow
 def test_segmenter_learns_the_synthetic_set(jt, train_root, tmp_path):
+    import train
     from datasets import TrainingSet
-    from tools import train_segmenter
     from scoring.segmenter import load_segmenter, mask_accuracy
 
-    path = tmp_path / "segmenter.safetensors"
-    assert train_segmenter.main([str(train_root), "--out", str(path), "--height", str(HEIGHT),
-                                 "--width", str(WIDTH), "--steps", "400", "--batch_size", "8",
-                                 "--lr", "5e-3", "--widths", WIDTHS, "--log_every", "100", "--cpu"]) == 0
+    assert train.main(["segmenter", "--data", str(train_root), "--output_path", str(tmp_path / "run"), "--height",
+                       str(HEIGHT), "--width", str(WIDTH), "--max_steps", "400", "--batch_size", "8",
+                       "--lr", "5e-3", "--widths", WIDTHS, "--cpu"]) == 0
+    path = tmp_path / "run" / "checkpoints" / "last.safetensors"
     dataset = TrainingSet(train_root, HEIGHT, WIDTH)
     model = load_segmenter(path)
     accuracy = np.mean([mask_accuracy(model, dataset[i].image, dataset[i].label) for i in range(len(dataset))])
@@ -66,7 +66,7 @@ def test_checkpoint_describes_itself_and_reloads_to_the_same_predictions(jt, che
 
     path, dataset = checkpoint
     _, info = read_checkpoint(path)
-    assert info["kind"] == "segmenter" and info["extra"]["step"] == 6
+    assert info["kind"] == "segmenter-train" and info["extra"]["step"] == 6
     assert SegmenterConfig.from_dict(info["config"]["network"]) == SegmenterConfig(widths=(16, 32, 64), height=HEIGHT, width=WIDTH)
     images = np.stack([dataset[i].image for i in range(2)])
     first, second = load_segmenter(path), load_segmenter(path)
@@ -113,9 +113,13 @@ def test_loading_refuses_another_kind_of_checkpoint(jt, tmp_path):
 
 
 def test_training_cli_reports_a_bad_root(jt, tmp_path, capsys):
-    from tools import train_segmenter
+    import train
 
-    status = train_segmenter.main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "s.safetensors"), "--cpu"])
+    (tmp_path / "empty").mkdir()
+    status = train.main(["segmenter", "--data", str(tmp_path / "empty"), "--output_path", str(tmp_path / "s"), "--cpu"])
     assert status == 1
-    assert "nowhere" in capsys.readouterr().err
-    assert not (tmp_path / "s.safetensors").exists()
+    assert "empty/imgs: folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "checkpoints").exists()
+    with pytest.raises(SystemExit):
+        train.main(["segmenter", "--data", str(tmp_path / "nowhere"), "--output_path", str(tmp_path / "s"), "--cpu"])
+    assert "--data" in capsys.readouterr().err

@@ -192,7 +192,7 @@ def test_ema_in_the_loop_and_checkpoint_layout(jt, store, tmp_path):
           step_hook=lambda step, record: history.append(param_arrays(unet)))
     arrays, info = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
     assert info["kind"] == "unet-train"
-    assert info["extra"]["training"]["step"] == 3 and info["extra"]["training"]["updates"] == 3
+    assert info["extra"]["step"] == 3 and info["extra"]["training"]["task"]["updates"] == 3
     assert info["config"]["network"]["model_channels"] == 16 and info["config"]["train"]["ema_decay"] == 0.9
     d = 0.9
     for name in history[0]:
@@ -214,7 +214,7 @@ def test_resume_is_bit_exact(jt, store, tmp_path):
     assert result["step"] == 4
     straight, _ = read(tmp_path / "straight" / "checkpoints" / "last.safetensors")
     split, info = read(tmp_path / "split" / "checkpoints" / "last.safetensors")
-    assert info["extra"]["training"]["updates"] == 4
+    assert info["extra"]["training"]["task"]["updates"] == 4
     assert straight.keys() == split.keys()
     for name in straight:
         np.testing.assert_array_equal(straight[name], split[name], err_msg=name)
@@ -254,7 +254,7 @@ def test_a_crash_while_saving_keeps_the_previous_checkpoint(jt, store, tmp_path,
     assert (run / "checkpoints" / "last.safetensors").read_bytes() == good
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.safetensors"]
     _, info = read(run / "checkpoints" / "last.safetensors")
-    assert info["extra"]["training"]["step"] == 2
+    assert info["extra"]["step"] == 2
 
 
 class Poisoned:
@@ -293,7 +293,7 @@ def test_non_finite_steps_are_skipped_and_counted(jt, store, tmp_path):
         np.testing.assert_array_equal(seen[3][0][name], seen[1][0][name])    # nothing moved while poisoned
     assert any(not np.array_equal(seen[4][0][n], seen[3][0][n]) for n in before)
     _, info = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
-    assert info["extra"]["training"]["bad_steps"] == 2 and info["extra"]["training"]["updates"] == 3
+    assert info["extra"]["training"]["bad_steps"] == 2 and info["extra"]["training"]["task"]["updates"] == 3
 
 
 def test_k_non_finite_steps_in_a_row_stop_the_run(jt, store, tmp_path):
@@ -302,13 +302,17 @@ def test_k_non_finite_steps_in_a_row_stop_the_run(jt, store, tmp_path):
     net = Poisoned(make_unet(jt))
 
     def hook(step, record):
-        net.poison = step >= 1
+        net.poison = step >= 2
 
-    with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss"):
+    # Step 2 (finite) proves the checkpoint of step 1; the checkpoint of step 2 is never proven.
+    with pytest.raises(TrainingStopped, match=r"stopped at step 5: 3 steps in a row had a non-finite loss.*"
+                                              r"last good checkpoint is .*last.safetensors \(step 1\)"):
         train(net, store, tmp_path / "run", config(max_steps=20, save_every=1, max_bad_steps=3),
               progress=False, step_hook=hook)
     _, info = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
-    assert info["extra"]["training"]["updates"] == 1
+    assert info["extra"]["training"]["task"]["updates"] == 1 and info["extra"]["step"] == 1
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "diverged.safetensors", "last.safetensors"]
 
 
 def test_gradient_accumulation_matches_the_full_batch(jt, store, tmp_path):
@@ -328,13 +332,14 @@ def test_gradient_accumulation_matches_the_full_batch(jt, store, tmp_path):
 
 
 def test_export_weights_and_reload(jt, store, tmp_path):
-    from weights.checkpoint import read_checkpoint
-    from ldm.training import export_ema, train
+    from ldm.training import train
     from models import load_unet
+    from tools.export_weights import main as export
+    from weights.checkpoint import read_checkpoint
 
     train(make_unet(jt), store, tmp_path / "run", config(max_steps=1, save_every=1, latent_scale=3.0),
           progress=False)
-    export_ema(tmp_path / "run" / "checkpoints" / "last.safetensors", tmp_path / "unet.safetensors")
+    assert export([str(tmp_path / "run" / "checkpoints" / "last.safetensors"), str(tmp_path / "unet.safetensors")]) == 0
     arrays, info = read_checkpoint(tmp_path / "unet.safetensors")
     assert info["kind"] == "unet"
     unet, checkpoint = load_unet(tmp_path / "unet.safetensors")
@@ -354,9 +359,13 @@ def test_train_cli_ldm_stage(jt, store, tmp_path, capsys):
     assert "step 2" in capsys.readouterr().out
     assert train_cli.main(args[:8] + ["4"] + args[9:] + ["--resume"]) == 0
     _, info = read(run / "checkpoints" / "last.safetensors")
-    assert info["extra"]["training"]["step"] == 4
-    assert train_cli.main(["ldm", "--latents", str(tmp_path / "none"), "--out", str(tmp_path / "x"), "--cpu"]) == 1
+    assert info["extra"]["step"] == 4
+    (tmp_path / "empty").mkdir()
+    assert train_cli.main(["ldm", "--latents", str(tmp_path / "empty"), "--out", str(tmp_path / "x"), "--cpu"]) == 1
     assert "not a latent store" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(["ldm", "--latents", str(tmp_path / "none"), "--out", str(tmp_path / "x"), "--cpu"])
+    assert exit_.value.code == 2 and "--latents" in capsys.readouterr().err
 
 
 MPI_SCRIPT = r"""
@@ -422,3 +431,52 @@ def test_gradient_checkpointing_trains_like_the_plain_loop(jt, store, tmp_path):
     for name in a:
         if name.startswith("model/"):
             np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_diverged_run_points_at_a_checkpoint_that_resumes(jt, store, tmp_path, capsys):
+    """Train to step 4; resume with a learning rate that wrecks the weights (the first step's loss
+    is finite, then every step is NaN): the run stops non-zero naming the step-4 checkpoint, and
+    resuming that with a sane learning rate trains without a non-finite step."""
+    import train as train_cli
+
+    run = tmp_path / "run"
+    args = ["ldm", "--latents", str(store), "--preset", "tiny", "--output_path", str(run), "--batch_size", "2",
+            "--sample_every", "0", "--cpu"]
+    assert train_cli.main(args + ["--max_steps", "4", "--save_every", "2", "--lr", "1e-3"]) == 0
+    capsys.readouterr()
+    assert train_cli.main(args + ["--resume", "--max_steps", "30", "--save_every", "1", "--lr", "1e9"]) == 1
+    err = capsys.readouterr().err
+    assert f"the last good checkpoint is {run / 'checkpoints' / 'last.safetensors'} (step 4)" in err, err
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert records[4]["step"] == 5 and records[4].get("skipped") is None      # finite, but wrecking
+    assert all(r["skipped"] == "non_finite" for r in records[5:]) and len(records) == 15
+    _, info = read(run / "checkpoints" / "last.safetensors")
+    assert info["extra"]["step"] == 4
+    assert train_cli.main(args + ["--resume", "--max_steps", "8", "--lr", "1e-3"]) == 0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert not any(r.get("skipped") for r in records)
+
+
+@pytest.mark.parametrize("stage", ["ldm", "autoencoder"])
+def test_the_seed_fixes_a_whole_run(jt, store, tmp_path, stage):
+    """Two fresh runs with one seed write byte-identical checkpoints; another seed differs."""
+    import train as train_cli
+    from datasets.synthetic import write_dataset
+
+    if stage == "ldm":
+        data = ["--latents", str(store), "--preset", "tiny", "--batch_size", "2"]
+    else:
+        write_dataset(tmp_path / "data", 4, 24, 32, seed=0, n_test=1)
+        data = ["--data", str(tmp_path / "data" / "train"), "--preset", "tiny", "--height", "24", "--width", "32",
+                "--batch_size", "2", "--lr", "1e-3"]
+    common = [stage, *data, "--max_steps", "2", "--save_every", "2", "--sample_every", "0", "--cpu"]
+    files = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        assert train_cli.main(common + ["--output_path", str(tmp_path / name), "--seed", str(seed)]) == 0
+        files[name] = (tmp_path / name / "checkpoints" / "last.safetensors").read_bytes()
+    assert files["a"] == files["b"]
+    a, _ = read(tmp_path / "a" / "checkpoints" / "last.safetensors")
+    c, _ = read(tmp_path / "c" / "checkpoints" / "last.safetensors")
+    first_conv = "model/input_blocks.0.0.weight" if stage == "ldm" else "model/encoder.conv_in.weight"
+    assert not np.allclose(a[first_conv], c[first_conv], atol=1e-3)   # other initial weights, not just other data

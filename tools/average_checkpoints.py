@@ -17,19 +17,19 @@ whose ``extra`` records the sources and their coefficients.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
+import cli
 from weights.average import average_checkpoints
 from weights.checkpoint import WEIGHT_SETS, WeightsError, save_checkpoint
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("checkpoints", nargs="+", type=Path, help="checkpoints to average (2 or more)")
-    parser.add_argument("--out", type=Path, required=True, help="the averaged weights checkpoint to write")
+    parser.add_argument("--output_path", type=Path, required=True, help="the averaged weights checkpoint to write")
+    parser.alias("--out", "--output_path")
     parser.add_argument("--coefficients", nargs="+", type=float,
                         help="one per checkpoint, normalized to sum to 1 (default: equal)")
     parser.add_argument("--weights", choices=WEIGHT_SETS, default="ema",
@@ -42,9 +42,9 @@ def main(argv=None) -> int:
     except (WeightsError, ValueError) as exc:
         print(f"average_checkpoints: {exc}", file=sys.stderr)
         return 1
-    save_checkpoint(args.out, arrays, kind=info["kind"], config=info["config"], extra=info["extra"])
+    save_checkpoint(args.output_path, arrays, kind=info["kind"], config=info["config"], extra=info["extra"])
     shown = ", ".join(f"{Path(r['path']).name} x {r['coefficient']:.4g}" for r in info["extra"]["averaged_from"])
-    print(f"wrote {args.out}: {len(arrays)} {info['kind']} weights averaged from {shown}")
+    print(f"wrote {args.output_path}: {len(arrays)} {info['kind']} weights averaged from {shown}")
     return 0
 
 

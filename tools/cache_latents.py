@@ -15,7 +15,6 @@ unwritten data.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 
+import cli
 import jittor_env
 from datasets import DataError, TrainingSet, resize_label
 from datasets.landscape import CHALLENGE_HEIGHT, CHALLENGE_WIDTH
@@ -165,10 +165,11 @@ def cache_latents(data_root: str | os.PathLike, vq_path: str | os.PathLike, out:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="training root holding imgs/ and labels/")
     parser.add_argument("--vq", required=True, help="the autoencoder checkpoint (kind 'vqmodel')")
-    parser.add_argument("--out", required=True, help="store folder (created; resumed if unfinished)")
+    parser.add_argument("--output_path", required=True, help="store folder (created; resumed if unfinished)")
+    parser.alias("--out", "--output_path")
     parser.add_argument("--height", type=int, default=CHALLENGE_HEIGHT, help="photo height before encoding")
     parser.add_argument("--width", type=int, default=CHALLENGE_WIDTH, help="photo width before encoding")
     parser.add_argument("--batch_size", type=int, default=8, help="photos per encoder call (x2 with the flips)")
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     try:
-        result = cache_latents(args.data, args.vq, args.out, args.height, args.width, args.batch_size)
+        result = cache_latents(args.data, args.vq, args.output_path, args.height, args.width, args.batch_size)
     except (StoreError, WeightsError, DataError, OSError, ValueError) as exc:
         print(f"cache_latents: {exc}", file=sys.stderr)
         return 1

@@ -10,34 +10,35 @@ with the whole-image means and standard deviations (cv2.meanStdDev, population s
 to 2 decimals first, as the official code does. A channel with std 0 (after rounding) maps to
 the reference's mean instead of dividing by zero.
 
-    python -m tools.color_transfer --results OUT --input_path MASKS --img_path TRAIN_ROOT --output OUT2
+    python -m tools.color_transfer --results OUT --input_path MASKS --img_path TRAIN_ROOT --output_path OUT2
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
+import cli
 from datasets import DataError
 from synthesis.color_transfer import transfer_folder
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, required=True, help="folder of generated NAME.jpg")
     parser.add_argument("--input_path", type=Path, required=True, help="masks folder with label_to_img.json")
     parser.add_argument("--img_path", type=Path, required=True, help="training root (or imgs/) with the references")
-    parser.add_argument("--output", type=Path, required=True, help="folder for the transferred NAME.jpg")
+    parser.add_argument("--output_path", type=Path, required=True, help="folder for the transferred NAME.jpg")
+    parser.alias("--output", "--output_path")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
-        count = transfer_folder(args.results, args.input_path, args.img_path, args.output)
+        count = transfer_folder(args.results, args.input_path, args.img_path, args.output_path)
     except DataError as exc:
         print(f"color_transfer: {exc}", file=sys.stderr)
         return 1
-    print(f"color_transfer: wrote {count} images to {args.output}")
+    print(f"color_transfer: wrote {count} images to {args.output_path}")
     return 0
 
 

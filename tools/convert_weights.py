@@ -1,59 +1,64 @@
 """Convert weights from PyTorch / Lightning / Jittor files into this project's checkpoint
 (safetensors + config), checking every name and shape against the network built from the config.
 
-    python -m tools.convert_weights --kind vqmodel --preset vq-f4 model.ckpt vq-f4.safetensors
-    python -m tools.convert_weights --kind unet --preset iidm ema_0.9999_100000.pt unet.safetensors
+    python -m tools.convert_weights model.ckpt vq-f4.safetensors --config vq-f4/config.yaml
+    python -m tools.convert_weights ema_0.9999_best.pt sdm.safetensors --config ade20k.flags
+    python -m tools.convert_weights average-176k-266k.pkl unet.safetensors --preset iidm
 
-Reads SDM's ``.pt`` state dicts (model or EMA), IIDM's Jittor ``.pkl``, LDM / taming Lightning checkpoints (``state_dict``; the training-only ``loss.*`` weights are
-left out and reported), plain torch state dicts, IIDM's Jittor ``.pkl`` and this project's own
-checkpoints; nothing in the input is executed (weights/foreign.py). Weights under a prefix
-(``first_stage_model.`` in a whole LDM checkpoint) are found by themselves, or name it with
-``--prefix``. Missing, unexpected and mis-shaped weights are listed in plain words and nothing is
-written. Exit status: 0 written, 1 the weights do not fit or cannot be read.
+Reads SDM's ``.pt`` state dicts (model or EMA), IIDM's Jittor ``.pkl``, LDM / taming Lightning
+checkpoints (``state_dict``; the training-only ``loss.*`` weights are left out and reported),
+plain torch state dicts and this project's own checkpoints; nothing in the input is executed
+(weights/foreign.py). Weights under a prefix (``first_stage_model.`` in a whole LDM checkpoint)
+are found by themselves, or name it with ``--prefix``. The kind of network is told by the names
+(``input_blocks.0.0.weight``: a U-Net; ``encoder.conv_in.weight``: an autoencoder) unless
+``--kind`` says it.
 
-Adding a kind: one ``Kind`` entry in KINDS: how to build the config from a preset
-name or a stored dict, how to build the network, and where its names sit in foreign files.
+The architecture comes from ``--config`` (the upstream configuration the weights were trained
+with: LDM / taming YAML, SDM's or IIDM's model arguments as JSON or as the ``--flag value`` list of
+their scripts, or this project's JSON layout; weights/upstream.py), from ``--preset``, or from the
+input itself when it is one of this project's checkpoints. Some of it no weight shape reveals
+(norm groups, attention heads); upstream code fixes those, so a preset of this project that
+departs from them (``tiny``, ``demo``, ``small``) cannot describe a foreign file, and ``--preset``
+with ``--config`` (or with the input's own config) must agree on every field. Missing, unexpected
+and mis-shaped weights are listed in plain words and nothing is written.
+
+Arrays are read, cast and written one at a time, so converting holds about one array besides the
+output being written. Exit status: 0 written, 1 refused (the reason on stderr).
+
+Adding a kind: one ``Kind`` entry in KINDS.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-
 import argparse
 import logging
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 import jittor_env
-from weights.checkpoint import WeightsError, check_diffusion, save_checkpoint
-from weights.foreign import Selection, find_prefix, read_weights, select_weights
+from weights.checkpoint import WeightsError, check_diffusion, config_from_dict, save_checkpoint
+from weights.foreign import Selection, open_weights, select_weights
+from weights.upstream import (UPSTREAM_NAMES, UpstreamConfig, UpstreamConfigError, deviations, disagreements,
+                              read_config)
 
 
 @dataclass(frozen=True)
 class Kind:
     """How to convert one kind of network. The builders import Jittor code lazily (after setup)."""
 
+    description: str
     presets: Callable[[], list[str]]
     default_preset: str
     config_from_preset: Callable[[str], Any]               # -> config with .to_dict()
-    config_from_dict: Callable[[Mapping[str, Any]], Any]
+    config_class: Callable[[], type]
     build_network: Callable[[Any], Any]                    # config -> Jittor module
-    map_names: Callable[[Mapping[str, np.ndarray], str | None, tuple[str, ...]], Selection]
+    anchor: str                                            # a weight every file of this kind has
+    prefixes: tuple[str, ...]                              # where it sits in foreign files, tried first
     drop: tuple[str, ...]                                  # training-only name prefixes, always left out
-
-
-def prefix_mapping(anchor: str, candidates: tuple[str, ...]):
-    """Name mapping for networks whose foreign names equal ours up to a prefix: ``anchor`` is a
-    weight every such file has; ``candidates`` are the prefixes tried first."""
-    def map_names(arrays, prefix, drop):
-        if prefix is None:
-            prefix = find_prefix([n for n in arrays if not n.startswith(drop)], anchor, candidates)
-        return select_weights(arrays, prefix=prefix, drop=drop)
-    return map_names
 
 
 def _vq(name: str):
@@ -68,38 +73,179 @@ def _unet(name: str):
 
 KINDS: dict[str, Kind] = {
     "vqmodel": Kind(
+        description="autoencoder",
         presets=lambda: list(_vq("PRESETS")),
         default_preset="vq-f4",
         config_from_preset=lambda preset: _vq("vq_config")(preset),
-        config_from_dict=lambda values: _vq("VQConfig").from_dict(values["network"]),
+        config_class=lambda: _vq("VQConfig"),
         build_network=lambda config: _vq("VQModel")(config),
-        map_names=prefix_mapping("encoder.conv_in.weight", ("", "first_stage_model.")),
+        anchor="encoder.conv_in.weight",
+        prefixes=("", "first_stage_model."),
         drop=("loss.", "train/"),
     ),
     # SDM / IIDM U-Net: SDM's .pt is a plain state dict with these names; a wrapped one
     # ("model.", "module.", LDM's "model.diffusion_model.") is found by its first convolution.
     "unet": Kind(
+        description="U-Net",
         presets=lambda: list(_unet("UNET_PRESETS")),
         default_preset="iidm",
         config_from_preset=lambda preset: _unet("unet_preset")(preset),
-        config_from_dict=lambda values: _unet("UNetConfig").from_dict(values["network"]),
+        config_class=lambda: _unet("UNetConfig"),
         build_network=lambda config: _unet("UNetModel")(config),
-        map_names=prefix_mapping("input_blocks.0.0.weight",
-                                 ("", "model.diffusion_model.", "model.", "module.")),
+        anchor="input_blocks.0.0.weight",
+        prefixes=("", "model.diffusion_model.", "model.", "module."),
         drop=(),
     ),
 }
 
 
+class Refusal(Exception):
+    """The conversion cannot go on; the message says why in plain words."""
+
+
+# ------------------------------------------------------------------------------ which network
+def anchor_prefix(names: list[str], kind: Kind, prefix: str | None = None) -> str | None:
+    """The prefix under which the kind's anchor weight appears (``prefix`` when given), or None."""
+    if prefix is not None:
+        return prefix if prefix + kind.anchor in names else None
+    present = set(names)
+    for candidate in kind.prefixes:
+        if candidate + kind.anchor in present:
+            return candidate
+    hits = sorted(name[: -len(kind.anchor)] for name in names if name.endswith("." + kind.anchor))
+    return hits[0] if len(hits) == 1 else None
+
+
+def resolve_kind(names: list[str], given: str | None, from_config: str | None, from_file: str | None,
+                 prefix: str | None = None) -> tuple[str, str]:
+    """The kind of network to convert and how it was found: what --kind, --config and the file's
+    own metadata say (they must agree), else what the names look like."""
+    claims = {what: kind for what, kind in (("--kind", given), ("--config", from_config),
+                                             ("the input's metadata", from_file)) if kind}
+    if from_file and from_file not in KINDS:
+        raise Refusal(f"the input is a {from_file!r} checkpoint; the converter takes weights checkpoints of "
+                      f"the kinds {', '.join(sorted(KINDS))}")
+    if len(set(claims.values())) > 1:
+        raise Refusal("the kind of network is given twice, differently: "
+                      + ", ".join(f"{what} says {kind}" for what, kind in claims.items()))
+    seen = {name: found for name, kind in KINDS.items()
+            if (found := anchor_prefix(names, kind, prefix)) is not None}
+
+    def looks(name: str) -> str:
+        return f"{KINDS[name].anchor}" + (f" under '{seen[name]}'" if seen[name] else "")
+
+    if claims:
+        what, kind = next(iter(claims.items()))
+        if kind not in seen and seen:
+            other = sorted(seen)[0]
+            raise Refusal(f"{what} says {kind}, but the names look like a {KINDS[other].description} "
+                          f"({looks(other)}, no {KINDS[kind].anchor}): use --kind {other}")
+        return kind, f"from {what}"
+    if len(seen) == 1:
+        kind = next(iter(seen))
+        return kind, f"told by its names ({looks(kind)})"
+    if seen:
+        raise Refusal("the file holds more than one network (" + "; ".join(
+            f"a {KINDS[k].description}: {looks(k)}" for k in sorted(seen)) + "): choose one with --kind")
+    raise Refusal("cannot tell which network the weights are for (no " + " or ".join(
+        f"{kind.anchor} ({kind.description})" for kind in KINDS.values()) + "); give --kind, and --prefix if "
+        "the names carry one")
+
+
+# ------------------------------------------------------------------------------ which architecture
+def choose_network(kind_name: str, args, upstream: UpstreamConfig | None,
+                   stored: Mapping[str, Any] | None) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
+    """(network config, where it came from, diffusion settings it brings). A stored config (this
+    project's checkpoint) wins; --preset and --config must agree with it and with each other; a
+    preset alone may describe a foreign file only if it keeps what upstream code fixes."""
+    kind = KINDS[kind_name]
+
+    def complete(network: Mapping[str, Any], source: str) -> dict[str, Any]:
+        return config_from_dict(kind.config_class(), network, complete=True, source=source).to_dict()
+
+    preset = kind.config_from_preset(args.preset).to_dict() if args.preset else None
+    stated = []
+    if stored is not None and isinstance(stored.get("config", {}).get("network"), Mapping):
+        stated.append(("the input's own config", complete(stored["config"]["network"], args.input)))
+    if preset is not None:
+        stated.append((f"--preset {args.preset}", preset))
+    if upstream is not None:
+        stated.append((f"--config {args.config}", complete(upstream.network, f"--config {args.config}")))
+    for (first, a), (second, b) in zip(stated, stated[1:]):
+        differ = disagreements(kind_name, a, b)
+        if differ:
+            raise Refusal(f"{first} and {second} describe different networks: " + "; ".join(differ))
+    if stated and stated[0][0] == "the input's own config":
+        diffusion = stored["config"].get("diffusion")
+        return stated[0][1], "the input's own config", dict(diffusion) if isinstance(diffusion, Mapping) else None
+    if upstream is not None:
+        return stated[-1][1], f"--config {args.config}: {upstream.origin}", upstream.diffusion
+    name = args.preset or kind.default_preset
+    network = preset if preset is not None else kind.config_from_preset(name).to_dict()
+    departs = deviations(kind_name, network)
+    if departs:
+        raise Refusal(f"preset {name} is this project's own {kind.description} ({', '.join(departs)}); a file "
+                      f"written by {UPSTREAM_NAMES[kind_name]} code cannot have it, and its weights would fit the "
+                      "shapes yet compute something else. Describe the file's architecture with --config FILE "
+                      "(the upstream YAML or flags it was trained with, or this project's JSON config)")
+    if kind_name == "unet":
+        from models.unet import PRESET_DIFFUSION
+        return network, f"preset {name}", PRESET_DIFFUSION.get(name)
+    return network, f"preset {name}", None
+
+
+# ------------------------------------------------------------------------------ diffusion settings
+def parse_schedule(text: str) -> dict[str, Any]:
+    """--schedule KIND:T[:BETA_START:BETA_END], e.g. linear:1000 (beta 1e-4 .. 0.02)."""
+    parts = text.split(":")
+    try:
+        kind, steps = parts[0], int(parts[1])
+        betas = [float(v) for v in parts[2:]] or [1e-4, 0.02]
+    except (IndexError, ValueError):
+        raise WeightsError(f"--schedule must be KIND:T[:BETA_START:BETA_END], e.g. linear:1000, got {text!r}") from None
+    if kind not in ("linear", "cosine") or steps < 1 or len(betas) != 2:
+        raise WeightsError(f"--schedule must be linear or cosine with T >= 1 and two betas, got {text!r}")
+    return {"kind": kind, "num_timesteps": steps, "beta_start": betas[0], "beta_end": betas[1]}
+
+
+def unet_diffusion(args, base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A U-Net's diffusion settings: the options given over those of the input's own config, of
+    --config or of the preset; never a silent default."""
+    diffusion = dict(base or {})
+    if args.schedule is not None:
+        diffusion["schedule"] = parse_schedule(args.schedule)
+    if args.space is not None:
+        diffusion["space"] = args.space
+    if args.latent_scale is not None:
+        if diffusion.get("space") == "pixel":
+            raise WeightsError("--latent_scale: this U-Net diffuses pixels (space 'pixel', as SDM's do); "
+                               "give --space latent if it was trained on autoencoder latents")
+        diffusion["latent_scale"] = args.latent_scale
+        diffusion.setdefault("space", "latent")
+    if diffusion.get("space") == "pixel":
+        diffusion.pop("latent_scale", None)
+    missing = [] if "schedule" in diffusion else ["--schedule"]
+    if "space" not in diffusion:
+        missing.append("--space (latent with --latent_scale, or pixel)")
+    elif diffusion["space"] == "latent" and "latent_scale" not in diffusion:
+        missing.append("--latent_scale")
+    if missing:
+        raise WeightsError(f"the U-Net's diffusion settings are unknown: give {' and '.join(missing)} "
+                           "(IIDM and SDM: --schedule linear:1000; IIDM's VQ-f4 latents: --latent_scale 1; "
+                           "SDM: --space pixel)")
+    return check_diffusion(diffusion, "the converted U-Net")
+
+
+# ------------------------------------------------------------------------------ fit and output
 def _shape(value) -> tuple[int, ...]:
-    return tuple(np.shape(value))
+    return tuple(getattr(value, "shape", np.shape(value)))
 
 
 def _listed(lines: list[str], limit: int) -> list[str]:
     return lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
-def report_fit(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, np.ndarray],
+def report_fit(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, Any],
                limit: int = 20) -> list[str]:
     """Plain-words lines for the missing, unexpected and mis-shaped weights, up to ``limit`` names
     each (empty when everything fits)."""
@@ -115,56 +261,35 @@ def report_fit(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, np
                      "(--ignore PREFIX leaves them out; --prefix picks the part of the file to use):")
         lines += _listed([f"  {n} {_shape(weights[n])}" for n in unexpected], limit)
     if mismatched:
-        lines.append(f"{len(mismatched)} weight(s) have another shape than the network's (is --preset right?):")
+        lines.append(f"{len(mismatched)} weight(s) have another shape than the network's (is --config right?):")
         lines += _listed([f"  {n}: the network has {tuple(expected[n])}, the file {_shape(weights[n])}"
                           for n in mismatched], limit)
     return lines
 
 
-def parse_schedule(text: str) -> dict[str, Any]:
-    """--schedule KIND:T[:BETA_START:BETA_END], e.g. linear:1000 (beta 1e-4 .. 0.02)."""
-    parts = text.split(":")
-    try:
-        kind, steps = parts[0], int(parts[1])
-        betas = [float(v) for v in parts[2:]] or [1e-4, 0.02]
-    except (IndexError, ValueError):
-        raise WeightsError(f"--schedule must be KIND:T[:BETA_START:BETA_END], e.g. linear:1000, got {text!r}") from None
-    if kind not in ("linear", "cosine") or steps < 1 or len(betas) != 2:
-        raise WeightsError(f"--schedule must be linear or cosine with T >= 1 and two betas, got {text!r}")
-    return {"kind": kind, "num_timesteps": steps, "beta_start": betas[0], "beta_end": betas[1]}
+class StoredArray:
+    """A weight as it will be written: read from the input only when the writer asks for it, then
+    cast to the stored type, so the output is produced one array at a time."""
 
+    def __init__(self, value, dtype: str):
+        self.value, self.dtype, self.shape = value, np.dtype(dtype), _shape(value)
 
-def unet_diffusion(args, stored: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A U-Net's diffusion settings: the options given, else the input's own (one of this project's
-    checkpoints), else the preset's published ones; never a silent default."""
-    from models.unet import PRESET_DIFFUSION
-
-    base = None
-    if stored is not None and isinstance(stored.get("config", {}).get("diffusion"), Mapping):
-        base = dict(stored["config"]["diffusion"])
-    elif args.preset in PRESET_DIFFUSION:
-        base = dict(PRESET_DIFFUSION[args.preset])
-    diffusion = dict(base or {})
-    if args.schedule is not None:
-        diffusion["schedule"] = parse_schedule(args.schedule)
-    if args.latent_scale is not None:
-        diffusion["latent_scale"] = args.latent_scale
-    diffusion.setdefault("space", "latent")
-    missing = [flag for flag, key in (("--schedule", "schedule"), ("--latent_scale", "latent_scale"))
-               if key not in diffusion]
-    if missing:
-        raise WeightsError(f"the U-Net's diffusion settings are unknown: give {' and '.join(missing)} "
-                           "(IIDM and SDM: --schedule linear:1000; IIDM's VQ-f4 latents: --latent_scale 1)")
-    return check_diffusion(diffusion, "the converted U-Net")
+    def numpy(self) -> np.ndarray:
+        return np.asarray(self.value).astype(self.dtype, copy=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="weights to read (.ckpt, .pt, .pth, .pkl, .safetensors)")
     parser.add_argument("output", help="checkpoint to write (.safetensors)")
-    parser.add_argument("--kind", choices=sorted(KINDS), default="vqmodel", help="network the weights are for")
-    parser.add_argument("--preset", help="architecture preset (default: the input's own config when it is "
-                                         "one of this project's checkpoints, else the kind's reference preset)")
+    parser.add_argument("--kind", choices=sorted(KINDS),
+                        help="network the weights are for (default: told by the weight names)")
+    parser.add_argument("--config", help="the architecture the weights were trained with: an LDM / taming YAML, "
+                                         "SDM's or IIDM's model arguments (JSON or --flag list), or this project's "
+                                         "JSON config")
+    parser.add_argument("--preset", help="architecture preset (default: the input's own config when it is one of "
+                                         "this project's checkpoints, else --config, else the kind's reference "
+                                         "preset, vq-f4 or iidm)")
     parser.add_argument("--prefix", help="name prefix of the weights inside the file (default: found by itself)")
     parser.add_argument("--ignore", action="append", default=[], metavar="PREFIX",
                         help="leave out weights whose names start with PREFIX (repeatable)")
@@ -175,72 +300,74 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse the file if its pickle names any class outside the whitelist, even in "
                              "sections that hold no weights (Lightning callbacks)")
     parser.add_argument("--schedule", help="U-Net: the noise schedule it was trained with, KIND:T[:BETA_START:BETA_END] "
-                                           "(e.g. linear:1000; default: the input's own or the preset's)")
+                                           "(e.g. linear:1000; default: the input's own, --config's or the preset's)")
+    parser.add_argument("--space", choices=("latent", "pixel"),
+                        help="U-Net: what it denoises, autoencoder latents (IIDM) or pixels (SDM) (default: the "
+                             "input's own, --config's or the preset's)")
     parser.add_argument("--latent_scale", type=float,
                         help="U-Net: the factor its latents were multiplied by in training (LDM's scale_factor; "
-                             "IIDM: 1; default: the input's own or the preset's)")
+                             "IIDM: 1; default: the input's own, --config's or the preset's)")
     jittor_env.add_arguments(parser)
     return parser
+
+
+def convert(args) -> int:
+    upstream = read_config(args.config) if args.config else None
+    arrays, info = open_weights(args.input, strict=args.strict)
+    stored = info.checkpoint
+    names = sorted(arrays)
+    kind_name, how = resolve_kind([n for n in names if not n.startswith(("loss.", "train/"))], args.kind,
+                                  upstream.kind if upstream else None,
+                                  stored.get("kind") if stored else None, args.prefix)
+    kind = KINDS[kind_name]
+    if args.preset is not None and args.preset not in kind.presets():
+        raise Refusal(f"unknown {kind_name} preset {args.preset!r}; choose one of {', '.join(kind.presets())}")
+    network, described, diffusion_base = choose_network(kind_name, args, upstream, stored)
+    config = kind.config_class().from_dict(network)
+
+    prefix = args.prefix if args.prefix is not None else anchor_prefix(
+        [n for n in names if not n.startswith(kind.drop)], kind)
+    selection: Selection = select_weights(arrays, prefix=prefix or "", drop=kind.drop + tuple(args.ignore))
+    where = f"; weights under '{selection.prefix}'" if selection.prefix else ""
+    print(f"{args.input}: {info.format} ({info.layout}), {len(arrays)} arrays{where}; "
+          f"a {kind_name} ({how}); architecture from {described}")
+    for line in info.describe() + selection.describe() + (upstream.notes if upstream else []):
+        print("  " + line)
+    sys.stdout.flush()
+
+    network_module = kind.build_network(config)     # shapes only: Jittor computes no value here
+    state = network_module.state_dict()
+    expected = {name: tuple(var.shape) for name, var in state.items()}
+    problems = report_fit(expected, selection.weights)
+    if problems:
+        raise Refusal(f"the weights do not fit the {kind_name} network ({described}); nothing was written.\n"
+                      + "\n".join(problems))
+    checkpoint_config = {"network": config.to_dict()}
+    if kind_name == "unet":
+        checkpoint_config["diffusion"] = unet_diffusion(args, diffusion_base)
+    out = {name: StoredArray(selection.weights[name],
+                             args.dtype if args.dtype and str(var.dtype).startswith("float") else str(var.dtype))
+           for name, var in state.items()}
+    extra = {"converted_from": Path(args.input).name, "source_format": info.format, "source_layout": info.layout,
+             "architecture_from": described}
+    if args.dtype:
+        extra["stored_dtype"] = args.dtype
+    if info.values:
+        extra["source_values"] = info.values
+    save_checkpoint(args.output, out, kind=kind_name, config=checkpoint_config, extra=extra)
+    print(f"wrote {args.output}: {len(out)} weights checked against the {kind_name} network ({described})")
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
-    kind = KINDS[args.kind]
-    if args.preset is not None and args.preset not in kind.presets():
-        print(f"convert_weights: unknown {args.kind} preset {args.preset!r}; choose one of "
-              f"{', '.join(kind.presets())}", file=sys.stderr)
-        return 1
     try:
-        arrays, info = read_weights(args.input, strict=args.strict)
-    except WeightsError as exc:
+        return convert(args)
+    except (Refusal, WeightsError, UpstreamConfigError) as exc:
         print(f"convert_weights: {exc}", file=sys.stderr)
         return 1
-    stored = info.checkpoint
-    if stored is not None and stored.get("kind") not in (args.kind, ""):
-        print(f"convert_weights: {args.input} is a {stored['kind']!r} checkpoint, not {args.kind!r}", file=sys.stderr)
-        return 1
-    if args.preset is not None:
-        config, described = kind.config_from_preset(args.preset), f"preset {args.preset}"
-    elif stored is not None and stored.get("config"):
-        config, described = kind.config_from_dict(stored["config"]), "the input's own config"
-    else:
-        config, described = kind.config_from_preset(kind.default_preset), f"preset {kind.default_preset}"
-
-    selection = kind.map_names(arrays, args.prefix, kind.drop + tuple(args.ignore))
-    where = f"; weights under '{selection.prefix}'" if selection.prefix else ""
-    print(f"{args.input}: {info.format} ({info.layout}), {len(arrays)} arrays{where}")
-    for line in info.describe() + selection.describe():
-        print("  " + line)
-    sys.stdout.flush()
-    network = kind.build_network(config)
-    state = network.state_dict()
-    expected = {name: tuple(var.shape) for name, var in state.items()}
-    problems = report_fit(expected, selection.weights)
-    if problems:
-        print(f"convert_weights: the weights do not fit the {args.kind} network ({described}); "
-              "nothing was written.", file=sys.stderr)
-        print("\n".join(problems), file=sys.stderr)
-        return 1
-    out = {name: np.asarray(selection.weights[name]).astype(
-               args.dtype if args.dtype and str(var.dtype).startswith("float") else str(var.dtype))
-           for name, var in state.items()}
-    extra = {"converted_from": Path(args.input).name, "source_format": info.format, "source_layout": info.layout}
-    if args.dtype:
-        extra["stored_dtype"] = args.dtype
-    if info.values:
-        extra["source_values"] = info.values
-    checkpoint_config = {"network": config.to_dict()}
-    if args.kind == "unet":
-        try:
-            checkpoint_config["diffusion"] = unet_diffusion(args, stored)
-        except WeightsError as exc:
-            print(f"convert_weights: {exc}", file=sys.stderr)
-            return 1
-    save_checkpoint(args.output, out, kind=args.kind, config=checkpoint_config, extra=extra)
-    print(f"wrote {args.output}: {len(out)} weights checked against the {args.kind} network ({described})")
-    return 0
 
 
 if __name__ == "__main__":

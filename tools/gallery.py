@@ -10,23 +10,23 @@ coloured masks are written as PNGs into ``gallery/`` beside the page.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
+import cli
 from datasets import DataError
 from datasets.landscape import MAPPING_FILE
 from synthesis.gallery import PAGE, gallery_rows, write_gallery
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, required=True, help="folder of generated NAME.jpg")
     parser.add_argument("--input_path", type=Path, required=True, help="folder of the label PNGs")
     parser.add_argument("--img_path", type=Path, required=True, help="training root (or imgs/) with the references")
     parser.add_argument("--mapping", type=Path, help=f"mask -> reference JSON (default INPUT_PATH/{MAPPING_FILE})")
-    parser.add_argument("--out", type=Path, help=f"the page to write (default RESULTS/{PAGE})")
+    parser.add_argument("--output_path", type=Path, help=f"the page to write (default RESULTS/{PAGE})")
+    parser.alias("--out", "--output_path")
     args = parser.parse_args(argv)
     try:
         rows = gallery_rows(args.results, args.input_path, args.img_path, args.mapping)
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     if not rows:
         print(f"gallery: no outputs of {args.input_path} found in {args.results}", file=sys.stderr)
         return 1
-    page = write_gallery(args.out or args.results / PAGE, rows)
+    page = write_gallery(args.output_path or args.results / PAGE, rows)
     print(f"wrote {page} ({len(rows)} rows)")
     return 0
 

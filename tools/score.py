@@ -15,7 +15,7 @@ missing one is an error that names it, before anything is scored.
 * S (scoring/style_similarity.py) needs no model. ``--style_mode challenge`` (default) reproduces the
   organisers' script, uint8 quirks included; ``corrected`` computes what it meant to. Both are in
   the JSON summary.
-* M needs a segmenter trained by tools/train_segmenter.py; A a NIMA checkpoint (scoring/aesthetic.py);
+* M needs a segmenter trained by `python train.py segmenter`; A a NIMA checkpoint (scoring/aesthetic.py);
   FID pytorch-fid's Inception weights (scoring/fid.py), against all photos of ``TRAIN_ROOT/imgs``,
   whose statistics are cached (``--fid_cache``). The organisers' SegFormer and aesthetic model are
   not public, so M and A from plug-in models estimate the challenge's, they do not reproduce them.
@@ -170,10 +170,10 @@ def score_results(results: Path, mask_dir: Path, img_root: Path, style_mode: str
     start = time.time()
     for index, (name, path) in enumerate(zip(test_set.names, paths)):
         mask_path = test_set.mask_paths[index]
-        reference_name = test_set.mapping[mask_path.name]
+        reference_name = test_set.reference_paths[index].name
         output = read_bgr(path)
         # The reference as the script reads it: cv2.imread, at its own size.
-        reference = read_bgr(test_set.image_dir / reference_name)
+        reference = read_bgr(test_set.reference_paths[index])
         s = style_similarity(output, reference, style_mode)
         other.append(style_similarity(output, reference, other_mode))
         score = ImageScore(name, reference_name, 100 * s.rgb, 100 * s.hsv, 100 * s.value)
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--img_path", type=Path, required=True, help="training root (imgs/ holds the references)")
     parser.add_argument("--mapping", type=Path,
                         help="mask -> reference JSON (default INPUT_PATH/label_to_img.json)")
-    parser.add_argument("--segmenter", type=Path, help="segmenter checkpoint (tools/train_segmenter.py) for M")
+    parser.add_argument("--segmenter", type=Path, help="segmenter checkpoint (python train.py segmenter: RUN_DIR/checkpoints/last.safetensors) for M")
     parser.add_argument("--aesthetic", type=Path, help="NIMA checkpoint for A (scoring/aesthetic.py)")
     parser.add_argument("--inception", type=Path,
                         help="pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth) for FID")

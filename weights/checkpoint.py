@@ -100,9 +100,13 @@ def load_weights(module, state: Mapping[str, Any], source: str = "weights") -> N
     import jittor as jt
 
     check_state_dict(module_shapes(module), state, source)
+    loaded = []
     for name, var in module.state_dict().items():
         value = np.asarray(state[name]).astype(str(var.dtype), copy=False)
         var.update(jt.array(np.ascontiguousarray(value)))
+        loaded.append(var)
+    # Executed now: an unexecuted array op fused into a later kernel has failed to compile in Jittor 1.3.11.
+    jt.sync(loaded)
 
 
 def module_arrays(module) -> dict[str, np.ndarray]:
@@ -348,6 +352,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
             arrays = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise WeightsError(f"{path}: not a readable safetensors file ({exc}){_foreign_hint(path)}") from None
+    return arrays, checkpoint_info(path, metadata)
+
+
+def checkpoint_info(path: str | os.PathLike, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """{kind, version, config, extra} from a checkpoint's safetensors metadata, the config in the
+    version-2 layout (readers that fetch the arrays themselves, one at a time, start here)."""
     if metadata.get("format") != FORMAT_NAME:
         raise WeightsError(f"{path}: a safetensors file without this project's metadata; convert it with "
                            f"`{CONVERT_HINT} {path} OUT.safetensors --preset NAME` (or --config FILE)")
@@ -363,7 +373,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     kind = metadata.get("kind", "")
     if version < 2:
         config = _migrate_v1(kind, config)
-    return arrays, {"kind": kind, "version": version, "config": config, "extra": extra}
+    return {"kind": kind, "version": version, "config": config, "extra": extra}
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Checkpoint:

@@ -8,8 +8,9 @@ Formats, recognised by content rather than by suffix:
   one file per storage) and, in newer files, ``PREFIX/byteorder``. A tensor in the pickle is
   ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`` where the storage is a
   persistent id ``('storage', torch.FloatStorage, KEY, location, numel)``; it is rebuilt here with
-  numpy from the storage's dtype, offset, size and stride (bounds checked). Storages are read only
-  for the tensors that are returned. Half stays float16; BFloat16 becomes float32 (numpy has none).
+  numpy from the storage's dtype, offset, size and stride (bounds checked). A storage member is
+  read up to the bytes the pickle says it holds and no further; a compressed member declaring more
+  is refused before it is inflated. Half stays float16; BFloat16 becomes float32 (numpy has none).
 * PyTorch's legacy (pre-1.6, non-zip) format, e.g. pytorch-fid's Inception weights: pickles of
   the magic number, the protocol version, the system info, the object tree (storage ids with one
   more field, a view, which must be None) and the storage key list, then each storage as an int64
@@ -18,10 +19,16 @@ Formats, recognised by content rather than by suffix:
 * Jittor ``.pkl`` (``jt.save``): a protocol-4 pickle of dicts of ``jittor_core.Var`` (each pickled
   as a numpy array), followed by its SHA-1 and ``b"HCAJSLHD"``; the checksum is verified.
 * Plain pickles of dicts of numpy arrays.
-* safetensors: this project's checkpoints (``weights.checkpoint.read_checkpoint``, config and all)
+* safetensors: this project's checkpoints (their config read by ``weights.checkpoint.checkpoint_info``)
   and plain safetensors files.
 
-Safety policy. Unpickling goes through ``RestrictedUnpickler``, whose ``find_class`` hands out only
+Reading is lazy (``open_weights``): the object tree is unpickled, but each array stays in the file
+as a ``LazyArray`` (its shape and dtype known) until ``numpy()`` reads it: zip members and legacy
+storages are read when asked, and pickled arrays are skipped over by a pure-Python unpickler that
+keeps their byte ranges. So a caller that converts and writes arrays one by one never holds the
+whole file; ``read_weights`` reads everything, for small files.
+
+Safety policy. Unpickling goes through the restricted unpicklers, whose ``find_class`` hands out only
 a fixed whitelist: ``collections.OrderedDict``, the torch tensor/parameter/storage rebuilders,
 numpy's array/dtype/scalar reconstruction, Jittor's ``Var`` (as "the array inside it") and
 ``_codecs.encode`` for latin-1 bytes. Each is replaced by a function written here that builds
@@ -45,6 +52,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -56,7 +64,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from weights.checkpoint import FORMAT_NAME, WeightsError, read_checkpoint
+from weights.checkpoint import FORMAT_NAME, WeightsError, checkpoint_info
 
 JITTOR_MARKER = b"HCAJSLHD"
 TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -181,6 +189,72 @@ def _shape(value, what: str = "shape") -> tuple[int, ...]:
     return tuple(value)
 
 
+# ------------------------------------------------------------------------------- lazy arrays
+class LazyArray:
+    """An array of a weight file read only when asked. ``shape`` and ``dtype`` (those of the array
+    ``numpy()`` returns) are known without reading; each ``numpy()`` reads it from the file again,
+    so a caller that converts and writes arrays one by one holds one at a time."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def numpy(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.dtype} {self.shape}>"
+
+
+def _from_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32: the upper half of a float32 (numpy has no bfloat16)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True)
+class _FileBytes:
+    """A byte range of a file that the lazy unpickler skipped instead of reading."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class _FileArray(LazyArray):
+    """``shape`` elements of type ``stored`` (a numpy dtype in any byte order, or "bfloat16") at
+    byte ``offset`` of a file, in C or Fortran order; read as native-order numpy (bfloat16 as float32)."""
+
+    def __init__(self, path: str | os.PathLike, offset: int, stored, shape: tuple[int, ...], fortran: bool = False):
+        self.path, self.offset, self.shape, self.fortran = str(path), int(offset), tuple(shape), fortran
+        self.stored = stored if stored == "bfloat16" else _checked_dtype(stored)
+        self.dtype = np.dtype(np.float32) if stored == "bfloat16" else self.stored.newbyteorder("=")
+
+    def numpy(self) -> np.ndarray:
+        count = math.prod(self.shape)
+        file_dtype = np.dtype("<u2") if self.stored == "bfloat16" else self.stored
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            flat = np.fromfile(f, dtype=file_dtype, count=count)
+        if flat.size != count:
+            raise WeightsError(f"{self.path}: the array at byte {self.offset} is cut short "
+                               f"({flat.size} of {count} elements; truncated file?)")
+        if self.stored == "bfloat16":
+            flat = _from_bfloat16(flat)
+        elif not file_dtype.isnative:
+            flat = flat.astype(self.dtype)
+        return flat.reshape(self.shape, order="F" if self.fortran else "C")
+
+
+def _file_array(raw: _FileBytes, dtype: np.dtype, shape: tuple[int, ...], fortran: bool = False) -> _FileArray:
+    need = math.prod(shape) * dtype.itemsize
+    if raw.length != need:
+        raise WeightsError(f"array data holds {raw.length} bytes, {shape} of {dtype} needs {need}")
+    return _FileArray(raw.path, raw.offset, dtype, shape, fortran)
+
+
 def _array_from_bytes(raw: bytes, dtype: np.dtype, shape: tuple[int, ...], fortran: bool = False) -> np.ndarray:
     count = math.prod(shape)
     if len(raw) != count * dtype.itemsize:
@@ -193,7 +267,7 @@ class _ArrayProxy:
     """numpy.core.multiarray._reconstruct(ndarray, (0,), b'b') followed by BUILD(state)."""
 
     def __init__(self):
-        self.array: np.ndarray | None = None
+        self.array: np.ndarray | _FileArray | None = None
 
     def __setstate__(self, state):
         if not isinstance(state, tuple) or len(state) not in (4, 5):
@@ -203,7 +277,10 @@ class _ArrayProxy:
             raise WeightsError("malformed numpy array state (memory order)")
         if isinstance(raw, list):
             raise WeightsError("numpy arrays of Python objects are not allowed")
-        self.array = _array_from_bytes(_as_bytes(raw), _as_dtype(dtype), _shape(shape), fortran)
+        if isinstance(raw, _FileBytes):
+            self.array = _file_array(raw, _as_dtype(dtype), _shape(shape), fortran)
+        else:
+            self.array = _array_from_bytes(_as_bytes(raw), _as_dtype(dtype), _shape(shape), fortran)
 
 
 def _np_reconstruct(subtype, shape, dtype_code):
@@ -218,6 +295,8 @@ def _np_scalar(dtype, raw=None):
 
 
 def _np_frombuffer(buffer, dtype, shape, order):
+    if isinstance(buffer, _FileBytes):
+        return _file_array(buffer, _as_dtype(dtype), _shape(shape), order == "F")
     return _array_from_bytes(_as_bytes(buffer), _as_dtype(dtype), _shape(shape), order == "F")
 
 
@@ -229,7 +308,7 @@ def _codecs_encode(text, encoding="utf-8"):
 
 def _jittor_var(data, *rest):
     """jittor_core.Var(ndarray): the array inside the Var."""
-    if not isinstance(data, (_ArrayProxy, np.ndarray, np.generic)):
+    if not isinstance(data, (_ArrayProxy, _FileArray, np.ndarray, np.generic)):
         raise WeightsError(f"a Jittor Var built from {type(data).__name__}, expected a numpy array")
     return data
 
@@ -250,6 +329,11 @@ class _StorageType:
     @property
     def itemsize(self) -> int:
         return 2 if self.name == "bfloat16" else np.dtype(self.name).itemsize
+
+    @property
+    def result(self) -> np.dtype:
+        """The numpy dtype its tensors are read as (bfloat16 as float32)."""
+        return np.dtype(np.float32) if self.name == "bfloat16" else np.dtype(self.name)
 
 
 @dataclass(frozen=True)
@@ -286,7 +370,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
     """torch._utils._rebuild_parameter(_with_state)(data, ...): the tensor itself."""
-    if not isinstance(data, (_TensorRef, _ArrayProxy, np.ndarray)):
+    if not isinstance(data, (_TensorRef, _ArrayProxy, _FileArray, np.ndarray)):
         raise WeightsError(f"a parameter built from {type(data).__name__}, expected a tensor")
     return data
 
@@ -324,15 +408,13 @@ for _name, _dtype in _TORCH_STORAGES.items():
     _ALLOWED[("torch", _name)] = _StorageType(_dtype)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose ``find_class`` returns only the whitelist above (see the module docstring).
+class _Restricted:
+    """``find_class`` and ``persistent_load`` of the restricted unpicklers: ``find_class`` returns
+    only the whitelist above (see the module docstring). With ``torch_storages`` (a PyTorch
+    checkpoint's object pickle) persistent ids name raw storages of the file; in any other pickle a
+    persistent id is an error. ``refused`` lists the globals that were replaced by inert stand-ins."""
 
-    With ``torch_storages`` (a PyTorch zip's data.pkl) persistent ids name raw storages of the
-    archive; in any other pickle a persistent id is an error. ``refused`` lists the globals that
-    were replaced by inert stand-ins."""
-
-    def __init__(self, file, source: str, strict: bool = False, torch_storages: bool = False):
-        super().__init__(file)
+    def _restrict(self, source: str, strict: bool, torch_storages: bool) -> None:
         self.source = source
         self.strict = strict
         self.torch_storages = torch_storages
@@ -376,9 +458,87 @@ class RestrictedUnpickler(pickle.Unpickler):
         return ref
 
 
+class RestrictedUnpickler(_Restricted, pickle.Unpickler):
+    """The restricted unpickler (C implementation), for pickles without array data in them."""
+
+    def __init__(self, file, source: str, strict: bool = False, torch_storages: bool = False):
+        pickle.Unpickler.__init__(self, file)
+        self._restrict(source, strict, torch_storages)
+
+
+LAZY_BYTES = 1 << 16   # bytes objects this large are skipped by the lazy unpickler (pickle's frame size)
+
+
+class _LazyUnpickler(_Restricted, pickle._Unpickler):
+    """The restricted unpickler in pure Python, reading a seekable file, which skips the payload of
+    every large bytes object (a numpy array's data in a Jittor ``.pkl`` or a plain pickle) and
+    leaves its byte range in its place, so the arrays are read later one at a time instead of all
+    at once. Pickle writes payloads of 64 KiB and more outside its frames, straight after their
+    opcode and length, so they sit in the file as they are; one inside a frame is read normally."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, source: str, strict: bool = False):
+        pickle._Unpickler.__init__(self, file)
+        self._restrict(source, strict, torch_storages=False)
+        self._file = file
+        self._size = os.fstat(file.fileno()).st_size
+
+    def _payload(self, length: int, mutable: bool = False):
+        if length < LAZY_BYTES or self._unframer.current_frame is not None:
+            data = self.read(length)
+            if len(data) != length:
+                raise WeightsError(f"{self.source}: the pickle is cut short (truncated file?)")
+            return bytearray(data) if mutable else data
+        offset = self._file.tell()
+        if offset + length > self._size:
+            raise WeightsError(f"{self.source}: an array of {length} bytes at byte {offset} reaches past the "
+                               f"end of the file ({self._size} bytes; truncated download?)")
+        self._file.seek(length, io.SEEK_CUR)
+        return _FileBytes(self.source, offset, length)
+
+    def _load_short_binbytes(self):
+        self.append(self._payload(self.read(1)[0]))
+
+    def _load_binbytes(self):
+        (length,) = struct.unpack("<I", self.read(4))
+        self.append(self._payload(length))
+
+    def _load_binbytes8(self):
+        (length,) = struct.unpack("<Q", self.read(8))
+        self.append(self._payload(length))
+
+    def _load_bytearray8(self):
+        (length,) = struct.unpack("<Q", self.read(8))
+        self.append(self._payload(length, mutable=True))
+
+    dispatch[pickle.SHORT_BINBYTES[0]] = _load_short_binbytes
+    dispatch[pickle.BINBYTES[0]] = _load_binbytes
+    dispatch[pickle.BINBYTES8[0]] = _load_binbytes8
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+
+
 # ------------------------------------------------------------------------------- file formats
+MAX_OBJECT_PICKLE = 256 << 20   # a checkpoint's object tree (data.pkl) holds names and shapes, no data
+
+
+class _StorageTensor(LazyArray):
+    """A tensor of a PyTorch checkpoint, read from its storage when asked."""
+
+    def __init__(self, storages: "_ZipStorages | _LegacyStorages", ref: _TensorRef):
+        self.storages, self.ref = storages, ref
+        self.shape, self.dtype = ref.size, ref.storage.dtype.result
+
+    def numpy(self) -> np.ndarray:
+        return _strided(self.storages.storage(self.ref.storage), self.ref)
+
+
 class _ZipStorages:
-    """Reads raw storages ``PREFIX/data/KEY`` of a PyTorch zip checkpoint, each at most once."""
+    """Raw storages ``PREFIX/data/KEY`` of a PyTorch zip checkpoint, read one at a time on request.
+
+    A member is read up to the bytes its storage needs (numel x element size, as the pickle
+    declares it) and no further: a compressed member that would inflate past that is refused
+    before anything is inflated, so a small file cannot claim gigabytes of memory."""
 
     def __init__(self, archive: zipfile.ZipFile, prefix: str, source: str):
         self.archive, self.prefix, self.source = archive, prefix, source
@@ -388,61 +548,72 @@ class _ZipStorages:
             if order not in ("little", "big"):
                 raise WeightsError(f"{source}: unknown byte order {order!r}")
         self.order = "<" if order == "little" else ">"
-        self._cache: dict[str, np.ndarray] = {}
 
     def storage(self, ref: _StorageRef) -> np.ndarray:
-        if ref.key not in self._cache:
-            name = f"{self.prefix}data/{ref.key}"
-            try:
-                raw = self.archive.read(name)
-            except KeyError:
-                raise WeightsError(f"{self.source}: storage {name} is missing from the archive") from None
-            need = ref.numel * ref.dtype.itemsize
-            if len(raw) < need:
-                raise WeightsError(f"{self.source}: storage {name} holds {len(raw)} bytes, needs {need}")
-            self._cache[ref.key] = _decode_storage(raw, ref, self.order)
-        return self._cache[ref.key]
-
-    def tensor(self, ref: _TensorRef) -> np.ndarray:
-        return _strided(self.storage(ref.storage), ref)
+        name = f"{self.prefix}data/{ref.key}"
+        try:
+            member = self.archive.getinfo(name)
+        except KeyError:
+            raise WeightsError(f"{self.source}: storage {name} is missing from the archive") from None
+        need = ref.numel * ref.dtype.itemsize
+        if member.file_size < need:
+            raise WeightsError(f"{self.source}: storage {name} holds {member.file_size} bytes, needs {need}")
+        if member.compress_type != zipfile.ZIP_STORED and member.file_size > need:
+            raise WeightsError(f"{self.source}: zip member {name} inflates to {member.file_size} bytes but its "
+                               f"storage needs {need}; refused without inflating it (a corrupt or hostile file)")
+        with self.archive.open(member) as stream:
+            raw = stream.read(need)
+        if len(raw) != need:
+            raise WeightsError(f"{self.source}: storage {name} is cut short ({len(raw)} of {need} bytes)")
+        return _decode_storage(raw, ref, self.order)
 
 
 class _LegacyStorages:
     """Raw storages of PyTorch's legacy (pre-1.6) format, which follow the pickles in the file:
-    for each key of the storage-key list, an int64 element count and the elements."""
+    for each key of the storage-key list, an int64 element count and the elements. Their places
+    are noted in one pass that reads only the counts; each storage is read when asked."""
 
-    def __init__(self, stream: io.BytesIO, keys: list, refs: dict[str, _StorageRef], source: str, order: str):
-        self.source = source
-        self._arrays: dict[str, np.ndarray] = {}
+    def __init__(self, stream, path: Path, keys: list, refs: dict[str, _StorageRef], order: str):
+        self.path, self.source, self.order = path, str(path), order
+        self._offsets: dict[str, int] = {}
+        size = os.fstat(stream.fileno()).st_size
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise WeightsError(f"{source}: malformed storage key list in a legacy PyTorch file")
+            raise WeightsError(f"{path}: malformed storage key list in a legacy PyTorch file")
         for key in keys:
             header = stream.read(8)
             if len(header) != 8:
-                raise WeightsError(f"{source}: storage {key} is missing (file truncated?)")
+                raise WeightsError(f"{path}: storage {key} is missing (file truncated?)")
             (numel,) = struct.unpack(order + "q", header)
             ref = refs.get(key)
             if ref is None or numel != ref.numel:
-                raise WeightsError(f"{source}: storage {key} holds {numel} elements, the pickle named "
+                raise WeightsError(f"{path}: storage {key} holds {numel} elements, the pickle named "
                                    f"{None if ref is None else ref.numel}")
-            raw = stream.read(numel * ref.dtype.itemsize)
-            if len(raw) != numel * ref.dtype.itemsize:
-                raise WeightsError(f"{source}: storage {key} is truncated")
-            self._arrays[key] = _decode_storage(raw, ref, order)
-        missing = sorted(set(refs) - set(self._arrays))
+            offset = stream.tell()
+            if offset + numel * ref.dtype.itemsize > size:
+                raise WeightsError(f"{path}: storage {key} is truncated")
+            self._offsets[key] = offset
+            stream.seek(numel * ref.dtype.itemsize, io.SEEK_CUR)
+        missing = sorted(set(refs) - set(self._offsets))
         if missing:
-            raise WeightsError(f"{source}: storages {', '.join(missing[:5])} are named but not stored")
+            raise WeightsError(f"{path}: storages {', '.join(missing[:5])} are named but not stored")
 
-    def tensor(self, ref: _TensorRef) -> np.ndarray:
-        return _strided(self._arrays[ref.storage.key], ref)
+    def storage(self, ref: _StorageRef) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[ref.key])
+            raw = f.read(ref.numel * ref.dtype.itemsize)
+        return _decode_storage(raw, ref, self.order)
 
 
 def _decode_storage(raw: bytes, ref: _StorageRef, order: str) -> np.ndarray:
+    """A storage's elements as native-order numpy (a read-only view of ``raw`` when no conversion
+    is needed: the tensor is copied out of it next)."""
+    if len(raw) != ref.numel * ref.dtype.itemsize:
+        raise WeightsError(f"storage {ref.key} holds {len(raw)} bytes, needs {ref.numel * ref.dtype.itemsize}")
     if ref.dtype.name == "bfloat16":
-        bits = np.frombuffer(raw, dtype=np.dtype("u2").newbyteorder(order), count=ref.numel)
-        return (bits.astype(np.uint32) << 16).view(np.float32)
+        return _from_bfloat16(np.frombuffer(raw, dtype=np.dtype("u2").newbyteorder(order), count=ref.numel))
     dtype = np.dtype(ref.dtype.name).newbyteorder(order)
-    return np.frombuffer(raw, dtype=dtype, count=ref.numel).astype(dtype.newbyteorder("="))
+    values = np.frombuffer(raw, dtype=dtype, count=ref.numel)
+    return values if dtype.isnative else values.astype(dtype.newbyteorder("="))
 
 
 def _strided(values: np.ndarray, ref: _TensorRef) -> np.ndarray:
@@ -459,9 +630,14 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return 0 < length < 100_000_000 and head[8:9] == b"{"
 
 
-def _load_one(stream, source: str, strict: bool, torch_storages: bool = False, what: str = "weight file"):
-    """One restricted pickle from ``stream``: (object, its unpickler)."""
-    unpickler = RestrictedUnpickler(stream, source, strict=strict, torch_storages=torch_storages)
+def _load_one(stream, source: str, strict: bool, torch_storages: bool = False, what: str = "weight file",
+              lazy: bool = False):
+    """One restricted pickle from ``stream``: (object, its unpickler). ``lazy``: leave large bytes
+    objects in the file (``stream`` must be a seekable file)."""
+    if lazy:
+        unpickler = _LazyUnpickler(stream, source, strict=strict)
+    else:
+        unpickler = RestrictedUnpickler(stream, source, strict=strict, torch_storages=torch_storages)
     try:
         return unpickler.load(), unpickler
     except UnsafeFileError:
@@ -472,31 +648,46 @@ def _load_one(stream, source: str, strict: bool, torch_storages: bool = False, w
         raise WeightsError(f"{source}: not a readable {what} ({type(exc).__name__}: {exc})") from None
 
 
-def _unpickle(data: bytes, source: str, strict: bool, torch_storages: bool = False):
-    obj, unpickler = _load_one(io.BytesIO(data), source, strict, torch_storages)
-    return obj, unpickler.refused
-
-
 def _read_torch_zip(path: Path, strict: bool):
     archive = zipfile.ZipFile(path)
     pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise WeightsError(f"{path}: a zip file but not a PyTorch checkpoint (expected one PREFIX/data.pkl, "
                            f"found {len(pickles)})")
+    member = archive.getinfo(pickles[0])
+    if member.file_size > MAX_OBJECT_PICKLE:
+        raise WeightsError(f"{path}: zip member {member.filename} declares {member.file_size} bytes; a "
+                           f"checkpoint's object tree is far smaller (limit {MAX_OBJECT_PICKLE} bytes)")
     prefix = pickles[0][: -len("data.pkl")]
-    obj, refused = _unpickle(archive.read(pickles[0]), str(path), strict, torch_storages=True)
-    return obj, refused, _ZipStorages(archive, prefix, str(path))
+    obj, unpickler = _load_one(io.BytesIO(archive.read(member)), str(path), strict, torch_storages=True)
+    return obj, unpickler.refused, _ZipStorages(archive, prefix, str(path))
 
 
-def _read_pickle(path: Path, data: bytes, strict: bool):
-    fmt = "pickle"
-    if data.endswith(JITTOR_MARKER):
-        body, checksum = data[:-28], data[-28:-8]
-        if hashlib.sha1(body).digest() != checksum:
-            raise WeightsError(f"{path}: Jittor file checksum does not match (truncated or corrupted download?)")
-        data, fmt = body, "jittor-pkl"
-    obj, refused = _unpickle(data, str(path), strict)
-    return obj, refused, fmt
+def _jittor_body(path: Path) -> int | None:
+    """The length of the pickle of a Jittor ``.pkl`` (the file less its SHA-1 and marker) after
+    checking the checksum in one streamed pass; None for a file without Jittor's marker."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 28:
+            return None
+        f.seek(size - 28)
+        trailer = f.read(28)
+        if not trailer.endswith(JITTOR_MARKER):
+            return None
+        body, digest = size - 28, hashlib.sha1()
+        f.seek(0)
+        for _ in range(0, body, 1 << 20):
+            digest.update(f.read(min(1 << 20, body - f.tell())))
+    if digest.digest() != trailer[:20]:
+        raise WeightsError(f"{path}: Jittor file checksum does not match (truncated or corrupted download?)")
+    return body
+
+
+def _read_pickle(path: Path, strict: bool):
+    fmt = "jittor-pkl" if _jittor_body(path) is not None else "pickle"
+    with open(path, "rb") as stream:
+        obj, unpickler = _load_one(stream, str(path), strict, lazy=True)
+    return obj, unpickler.refused, fmt
 
 
 def _legacy_magic(head: bytes) -> bool:
@@ -505,25 +696,24 @@ def _legacy_magic(head: bytes) -> bool:
     return head[2:4] == b"\x8a\x0a" and head[4:14] == magic if len(head) >= 14 else False
 
 
-def _read_torch_legacy(path: Path, data: bytes, strict: bool):
+def _read_torch_legacy(path: Path, strict: bool):
     """PyTorch's pre-1.6 format: pickles of the magic number, the protocol version (1001), the
     system info and the object (storages as persistent ids), then the list of storage keys, then
     the raw storages in that order."""
     source = str(path)
-    stream = io.BytesIO(data)
+    with open(path, "rb") as stream:
+        def load(torch_storages=False):
+            return _load_one(stream, source, strict, torch_storages, what="legacy PyTorch file")
 
-    def load(torch_storages=False):
-        return _load_one(stream, source, strict, torch_storages, what="legacy PyTorch file")
-
-    magic, _ = load()
-    protocol, _ = load()
-    sys_info, _ = load()
-    if magic != TORCH_LEGACY_MAGIC or protocol != 1001 or not isinstance(sys_info, dict):
-        raise WeightsError(f"{source}: not a legacy PyTorch file (magic {magic!r}, protocol {protocol!r})")
-    order = "<" if sys_info.get("little_endian", True) else ">"
-    obj, unpickler = load(torch_storages=True)
-    keys, _ = load()
-    storages = _LegacyStorages(stream, keys, unpickler._storages, source, order)
+        magic, _ = load()
+        protocol, _ = load()
+        sys_info, _ = load()
+        if magic != TORCH_LEGACY_MAGIC or protocol != 1001 or not isinstance(sys_info, dict):
+            raise WeightsError(f"{source}: not a legacy PyTorch file (magic {magic!r}, protocol {protocol!r})")
+        order = "<" if sys_info.get("little_endian", True) else ">"
+        obj, unpickler = load(torch_storages=True)
+        keys, _ = load()
+        storages = _LegacyStorages(stream, path, keys, unpickler._storages, order)
     return obj, unpickler.refused, storages
 
 
@@ -545,7 +735,7 @@ def _flatten(obj, prefix: str, source: str, out: dict, plain: dict, seen: set[in
     refused = _refused_name(obj)
     if refused:
         raise _refusal(source, refused, f" (found at '{prefix}')" if prefix else " (as the file content)")
-    if isinstance(obj, (_ArrayProxy, _TensorRef, np.ndarray, np.generic)):
+    if isinstance(obj, (_ArrayProxy, _TensorRef, LazyArray, np.ndarray, np.generic)):
         out[prefix] = obj
     elif obj is None or isinstance(obj, (bool, int, float, str)):
         plain[prefix] = obj
@@ -554,22 +744,23 @@ def _flatten(obj, prefix: str, source: str, out: dict, plain: dict, seen: set[in
                            "expected an array or a dict of arrays")
 
 
-def _materialise(value, storages: "_ZipStorages | _LegacyStorages | None", name: str, source: str) -> np.ndarray:
+def _array_of(value, storages, name: str, source: str) -> "np.ndarray | LazyArray":
+    """The array a flattened value stands for: numpy arrays as they are, the rest lazily."""
     if isinstance(value, _ArrayProxy):
         if value.array is None:
             raise WeightsError(f"{source}: {name}: incomplete numpy array")
-        array = value.array
+        value = value.array
     elif isinstance(value, _TensorRef):
         if storages is None:
-            raise WeightsError(f"{source}: {name}: tensor outside a PyTorch zip checkpoint")
-        array = storages.tensor(value)
-    else:
-        array = np.asarray(value)
+            raise WeightsError(f"{source}: {name}: tensor outside a PyTorch checkpoint")
+        value = _StorageTensor(storages, value)
+    elif not isinstance(value, (np.ndarray, LazyArray)):
+        value = np.asarray(value)
     try:
-        _checked_dtype(array.dtype)
+        _checked_dtype(value.dtype)
     except WeightsError as exc:
         raise WeightsError(f"{source}: {name}: {exc}") from None
-    return array
+    return value
 
 
 @dataclass
@@ -593,8 +784,10 @@ class ForeignInfo:
         return lines
 
 
-def read_weights(path: str | os.PathLike, strict: bool = False) -> tuple[dict[str, np.ndarray], ForeignInfo]:
-    """Read the weights of a PyTorch / Lightning / Jittor / safetensors file as name -> numpy array.
+def open_weights(path: str | os.PathLike, strict: bool = False) -> tuple[dict[str, Any], ForeignInfo]:
+    """The weights of a PyTorch / Lightning / Jittor / safetensors file as name -> array, without
+    reading their data: each value is a numpy array (small ones) or a ``LazyArray`` whose
+    ``numpy()`` reads it, so the whole file is never in memory at once.
 
     Nested dicts are flattened with dots. See the module docstring for what is refused; ``strict``
     refuses any global outside the whitelist even in sections that are not read."""
@@ -609,11 +802,10 @@ def read_weights(path: str | os.PathLike, strict: bool = False) -> tuple[dict[st
     elif _looks_like_safetensors(head):
         return _read_safetensors(path)
     elif head[:1] == b"\x80" and _legacy_magic(head):
-        obj, refused, storages = _read_torch_legacy(path, path.read_bytes(), strict)
+        obj, refused, storages = _read_torch_legacy(path, strict)
         info = ForeignInfo("torch-legacy")
     elif head[:1] == b"\x80":
-        data = path.read_bytes()
-        obj, refused, fmt = _read_pickle(path, data, strict)
+        obj, refused, fmt = _read_pickle(path, strict)
         storages, info = None, ForeignInfo(fmt)
     else:
         raise WeightsError(f"{path}: unknown format (expected a PyTorch zip checkpoint, a Jittor .pkl, "
@@ -640,23 +832,52 @@ def read_weights(path: str | os.PathLike, strict: bool = False) -> tuple[dict[st
     _flatten(weights, "", source, flat, info.values, set())
     if not flat:
         raise WeightsError(f"{source}: no arrays found (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
-    arrays = {name: _materialise(value, storages, name, source) for name, value in flat.items()}
+    arrays = {name: _array_of(value, storages, name, source) for name, value in flat.items()}
     # Every stand-in that reached the weights raised above; the rest sat in ignored sections.
     info.refused = sorted(set(refused))
     return arrays, info
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], ForeignInfo]:
-    from safetensors import SafetensorError, safe_open
+def read_weights(path: str | os.PathLike, strict: bool = False) -> tuple[dict[str, np.ndarray], ForeignInfo]:
+    """``open_weights`` with every array read: name -> numpy array."""
+    arrays, info = open_weights(path, strict)
+    return {name: value.numpy() if isinstance(value, LazyArray) else value for name, value in arrays.items()}, info
 
-    try:
-        with safe_open(str(path), framework="np") as f:
-            ours = (f.metadata() or {}).get("format") == FORMAT_NAME
-            arrays = None if ours else {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
-    if ours:
-        arrays, checkpoint = read_checkpoint(path)
+
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "bfloat16", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1",
+                       "BOOL": "bool"}
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, LazyArray], ForeignInfo]:
+    """A safetensors file's header (8-byte little-endian length, then JSON: each array's dtype,
+    shape and byte range after the header), every array left in the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + length
+    arrays: dict[str, LazyArray] = {}
+    for name, entry in header.items():
+        try:
+            stored = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = _shape(entry["shape"])
+            begin, end = (int(v) for v in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError, WeightsError):
+            raise WeightsError(f"{path}: malformed safetensors entry for {name!r}") from None
+        itemsize = 2 if stored == "bfloat16" else np.dtype(stored).itemsize
+        if begin < 0 or end - begin != math.prod(shape) * itemsize or start + end > size:
+            raise WeightsError(f"{path}: array {name} ({entry['dtype']} {list(shape)}) does not fit its byte range "
+                               f"{begin}..{end} of the file (truncated or corrupt?)")
+        arrays[name] = _FileArray(path, start + begin, stored, shape)
+    if isinstance(metadata, dict) and metadata.get("format") == FORMAT_NAME:
+        checkpoint = checkpoint_info(path, metadata)
         return arrays, ForeignInfo("iidm-safetensors", layout="checkpoint", checkpoint=checkpoint)
     return arrays, ForeignInfo("safetensors")
 

@@ -1,0 +1,207 @@
+"""The training skeleton: the guard that keeps the last good checkpoint, logs that survive a kill,
+resume from the newest checkpoint, weight snapshots, seeds, and the stop message; first on a toy
+numpy task (fast, exact), then through ``train.py`` on the tiny presets."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.logs import LogError, read_log, repair_log
+from training.loop import (CANDIDATE, DIVERGED, LAST, NON_FINITE, LoopConfig, Task, TrainingStopped, jittor_seed,
+                           run, step_rng)
+from weights.checkpoint import load_checkpoint
+
+
+class Toy(Task):
+    """Gradient descent on 0.5 |w - target|^2 in numpy; steps in ``poison`` produce a NaN loss, and a
+    step in ``wreck`` is finite but leaves NaN weights behind (as a too-large learning rate does)."""
+
+    kind = "toy"
+    name = "toy"
+
+    def __init__(self, lr=0.25, poison=(), wreck=(), seed=0):
+        self.w = np.zeros(4, np.float32)
+        self.target = step_rng(seed, 0, 5).standard_normal(4).astype(np.float32)
+        self.lr, self.poison, self.wreck, self.seed = lr, set(poison), set(wreck), seed
+        self.updates = 0
+
+    def config(self):
+        return {"network": {"size": 4}, "train": {"lr": self.lr}}
+
+    def step(self, step, update=True):
+        noise = step_rng(self.seed, step).standard_normal(4).astype(np.float32) * 0.01
+        grad = self.w - self.target + noise
+        loss = float(0.5 * np.sum(grad ** 2))
+        if step in self.poison:
+            loss = float("nan")
+        if not np.isfinite(loss):
+            return {"loss": loss, "skipped": NON_FINITE}
+        if update:
+            self.w = self.w - self.lr * grad
+            if step in self.wreck:
+                self.w = np.full(4, np.nan, np.float32)
+            self.updates += 1
+        return {"loss": loss}
+
+    def state(self):
+        return {"model/w": self.w.copy(), "ema/w": self.w.copy()}
+
+    def counters(self):
+        return {"updates": self.updates}
+
+    def load(self, arrays, counters, source):
+        self.w = arrays["model/w"].copy()
+        self.updates = counters["updates"]
+
+
+def loop(**options):
+    values = dict(max_steps=6, save_every=2, max_bad_steps=3)
+    values.update(options)
+    return LoopConfig(**values)
+
+
+def ckpt(run_dir, name=LAST):
+    return load_checkpoint(Path(run_dir) / "checkpoints" / name)
+
+
+# ------------------------------------------------------------------------------ the guard
+def test_a_step_that_wrecks_the_weights_never_replaces_the_good_checkpoint(jt, tmp_path):
+    run(Toy(), tmp_path, loop(max_steps=4, save_every=2), progress=False)
+    assert ckpt(tmp_path).step == 4
+    # Resumed with a wrecking step 4 (the 5th): its loss is finite, every later step is NaN.
+    with pytest.raises(TrainingStopped) as stopped:
+        run(Toy(wreck={4}, poison=range(5, 100)), tmp_path, loop(max_steps=20, save_every=1), resume=True,
+            progress=False)
+    message = str(stopped.value)
+    assert f"the last good checkpoint is {tmp_path / 'checkpoints' / LAST} (step 4)" in message
+    assert "stopped at step 8: 3 steps in a row" in message
+    good = ckpt(tmp_path)
+    assert good.step == 4 and np.isfinite(good.arrays["model/w"]).all()
+    assert (tmp_path / "checkpoints" / DIVERGED).is_file() and not (tmp_path / "checkpoints" / CANDIDATE).exists()
+    # Resuming the good checkpoint trains on without a non-finite step.
+    result = run(Toy(), tmp_path, loop(max_steps=8), resume=True, progress=False)
+    assert result.step == 8 and ckpt(tmp_path).step == 8
+    records = read_log(tmp_path / "log.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert all(r.get("skipped") is None for r in records)
+
+
+def test_no_good_checkpoint_yet_is_said_plainly(jt, tmp_path):
+    with pytest.raises(TrainingStopped, match="no good checkpoint exists yet: start again with a lower --lr"):
+        run(Toy(poison=range(0, 100)), tmp_path, loop(), progress=False)
+    assert not (tmp_path / "checkpoints" / LAST).exists()
+
+
+def test_final_weights_are_checked_before_they_become_last(jt, tmp_path):
+    with pytest.raises(TrainingStopped, match="final weights give a non-finite loss"):
+        run(Toy(wreck={5}, poison=range(6, 10)), tmp_path, loop(max_steps=6, save_every=0), progress=False)
+    assert not (tmp_path / "checkpoints" / LAST).exists()
+
+
+def test_skipped_steps_change_nothing_and_a_finite_step_proves_the_candidate(jt, tmp_path):
+    seen = []
+    result = run(Toy(poison={2, 3}), tmp_path, loop(max_steps=6, save_every=2), progress=False,
+                 step_hook=lambda step, record: seen.append(record))
+    assert result.bad_steps == 2 and ckpt(tmp_path).step == 6
+    assert [r.get("skipped") for r in seen] == [None, None, NON_FINITE, NON_FINITE, None, None]
+    assert ckpt(tmp_path).extra["training"]["task"]["updates"] == 4
+
+
+def test_resume_takes_an_unproven_candidate_newer_than_last(jt, tmp_path):
+    straight = tmp_path / "straight"
+    run(Toy(), straight, loop(max_steps=6), progress=False)
+
+    class Killed(Exception):
+        pass
+
+    class KilledInStep5(Toy):
+        def step(self, step, update=True):
+            if step == 4:
+                raise Killed    # step 4's candidate was written; the 5th step, which would prove it, dies
+            return super().step(step, update)
+
+    split = tmp_path / "split"
+    with pytest.raises(Killed):
+        run(KilledInStep5(), split, loop(max_steps=6), progress=False)
+    assert ckpt(split).step == 2 and ckpt(split, CANDIDATE).step == 4
+    run(Toy(), split, loop(max_steps=6), resume=True, progress=False)
+    np.testing.assert_array_equal(ckpt(split).arrays["model/w"], ckpt(straight).arrays["model/w"])
+    assert [r["step"] for r in read_log(split / "log.jsonl")] == list(range(1, 7))
+
+
+def test_keep_every_writes_weight_snapshots_that_average(jt, tmp_path):
+    from weights.average import average_checkpoints
+
+    run(Toy(), tmp_path, loop(max_steps=6, keep_every=3), progress=False)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [LAST, "step_0000003.safetensors", "step_0000006.safetensors"]
+    a, b = ckpt(tmp_path, "step_0000003.safetensors"), ckpt(tmp_path, "step_0000006.safetensors")
+    assert set(a.arrays) == {"model/w", "ema/w"} and a.step == 3
+    averaged, info = average_checkpoints([folder / "step_0000003.safetensors", folder / "step_0000006.safetensors"])
+    np.testing.assert_allclose(averaged["w"], 0.5 * (a.arrays["ema/w"] + b.arrays["ema/w"]), rtol=1e-6)
+    assert [r["step"] for r in info["extra"]["averaged_from"]] == [3, 6]
+
+
+def test_stale_temporaries_are_removed_on_start(jt, tmp_path):
+    run(Toy(), tmp_path, loop(max_steps=2), progress=False)
+    stale = tmp_path / "checkpoints" / ".last.safetensors.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    run(Toy(), tmp_path, loop(max_steps=4), resume=True, progress=False)
+    assert not stale.exists()
+
+
+def test_a_full_disk_names_the_file(jt, tmp_path, monkeypatch):
+    import errno
+
+    import datasets.io
+
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets.io.os, "fsync", full)
+    with pytest.raises(OSError, match=rf"{tmp_path / 'checkpoints' / CANDIDATE}: No space left on device"):
+        run(Toy(), tmp_path, loop(max_steps=2), progress=False)
+    monkeypatch.setattr(datasets.io.os, "fsync", real_fsync)
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------ logs
+def test_log_records_are_strict_json_with_null_for_non_finite(jt, tmp_path):
+    run(Toy(poison={1}), tmp_path, loop(max_steps=3), progress=False)
+    text = (tmp_path / "log.jsonl").read_text()
+    assert "NaN" not in text
+    second = read_log(tmp_path / "log.jsonl")[1]
+    assert second["loss"] is None and second["skipped"] == NON_FINITE
+
+
+def test_resume_drops_a_partial_line_and_records_past_the_checkpoint(jt, tmp_path, caplog):
+    import logging
+
+    run(Toy(), tmp_path, loop(max_steps=4, save_every=4), progress=False)
+    with open(tmp_path / "log.jsonl", "a") as f:         # a run killed after logging steps 5-6 and mid-line
+        f.write(json.dumps({"step": 5, "loss": 1.0}) + "\n" + json.dumps({"step": 6, "loss": 1.0}) + "\n")
+        f.write('{"step": 7, "lo')
+    caplog.set_level(logging.WARNING, logger="iidm")
+    run(Toy(), tmp_path, loop(max_steps=6, save_every=2), resume=True, progress=False)
+    assert any("dropped 3 record(s) past step 4" in r.getMessage() for r in caplog.records)
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == list(range(1, 7))
+
+
+def test_a_log_broken_before_its_last_line_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(LogError, match=rf"{path}: line 2 is not a JSON record"):
+        repair_log(path, 5)
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    assert repair_log(path, 5) == 0 and path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+# ------------------------------------------------------------------------------ seeds
+def test_jittor_seeds_differ_for_every_user_seed():
+    seeds = [jittor_seed(s) for s in range(1000)]
+    assert len(set(seeds)) == 1000 and min(seeds) >= 2
