@@ -230,8 +230,9 @@ def dpm_solver_pp_3m(model_fn: ModelFn, schedule: Schedule, x: jt.Var, timesteps
     """DPM-Solver++(3M): the multistep exponential integrator of Lu et al. 2022 with the data
     prediction expanded to second order in lambda (third order overall).
 
-    The probability-flow ODE in data-prediction form integrates exactly over its linear part
-    (DPM-Solver++ eq. 9): with tau = lambda - lambda_{t_i} and h = lambda_{t_{i+1}} - lambda_{t_i},
+    The probability-flow ODE in data-prediction form is solved exactly over its linear part (the
+    variation-of-constants formula of DPM-Solver++): with tau = lambda - lambda_{t_i} and
+    h = lambda_{t_{i+1}} - lambda_{t_i},
 
         x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} int_0^h e^{tau - h} x0(tau) dtau.
 
@@ -270,7 +271,8 @@ def dpm_solver_pp_3m(model_fn: ModelFn, schedule: Schedule, x: jt.Var, timesteps
                 h0 = lam[i] - lam[i - 1]
                 f01 = (x0 - history[-1]) * (1.0 / h0)
                 if i == 1:
-                    step = step + (0.5 * h * phi0) * f01     # DPM-Solver++(2M)'s D
+                    # phi0 (x0_i + h/2 f01): DPM-Solver++(2M)'s D
+                    step = step + (0.5 * h * phi0) * f01
                 else:
                     h1 = lam[i - 1] - lam[i - 2]
                     f12 = (history[-1] - history[-2]) * (1.0 / h1)
@@ -396,8 +398,9 @@ def img2img(sampler: Callable, model_fn: ModelFn, schedule: Schedule, x0: jt.Var
             noise: jt.Var, **sampler_options) -> jt.Var:
     """One stage: ``img2img_start`` to ``stage.start_level``, then ``sampler`` over ``stage.timesteps``.
 
-    ``sampler`` is ``ddim_sample``, ``ddpm_sample`` or ``dpm_solver_pp_2m``; ``sampler_options``
-    its keyword options (eta, noise_fn, clip_denoised).
+    ``sampler`` is one of ``SAMPLERS`` (``ddim_sample``, ``ddpm_sample``, ``dpm_solver_pp_2m``,
+    ``dpm_solver_pp_3m``, ``unipc``); ``sampler_options`` its keyword options (eta, noise_fn,
+    clip_denoised, order).
     """
     x = img2img_start(schedule, x0, stage.start_level, noise)
     return sampler(model_fn, schedule, x, stage.timesteps, **sampler_options)
