@@ -1,42 +1,109 @@
-"""Sampler cost: network passes per image for the official IIDM recipe and for DPM-Solver++(2M),
-and the wall time per step of each sampler around a tiny stand-in network.
+"""Sampler cost and accuracy: U-Net passes per image of every pipeline preset against its error on
+the analytic oracle (bench/oracle.py), the measurements the solver presets were chosen from, and
+the wall time per step of each sampler around a tiny stand-in network.
 
-    python -m bench.bench_samplers [--batch 2] [--height 96] [--width 128] [--steps 20] [--cpu]
+    python -m bench.bench_samplers [--selection] [--skip-accuracy] [--skip-timing]
+                                   [--batch 2] [--height 96] [--width 128] [--steps 20] [--cpu]
 
 Passes count per image: with classifier-free guidance each step evaluates the network on the
-masked and the null mask (one batched call of 2B, i.e. 2 passes per image). The timing uses a
-two-convolution network, so it measures the samplers' own per-step work (coefficients, tensor
-arithmetic, one sync) plus a small fixed network cost that is reported separately.
+masked and the null mask (one batched call of 2B, i.e. 2 passes per image). Accuracy: each round
+of a preset runs on its own from the oracle's data noised to the round's level (1024 points, float64)
+and its error is the largest |result - exact ODE solution|; the oracle has no mask, guidance or
+colour transfer, so it measures the solver and its grid alone. The timing uses a two-convolution
+network, so it measures the samplers' own per-step work (coefficients, tensor arithmetic, one
+sync) plus a small fixed network cost that is reported separately.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 
 import jittor_env
 
-OFFICIAL_RECIPE = (("ddim500", 300), ("ddim500", 320), ("ddim50", 20))
+SOLVERS = ("dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc")
 
 
-def pass_counts(solver_steps=(10, 15, 20, 25, 30)) -> list[tuple[str, list[int], int]]:
-    """(setting, steps per round, network passes per image with guidance) rows."""
-    from ldm.respace import iidm_stage
+def pass_counts() -> list[tuple[str, list[int], list[str], int]]:
+    """(preset, steps per round, sampler per round, U-Net passes per image) rows."""
+    from ldm import pipeline
+    from ldm.schedule import make_schedule
 
-    rounds = [iidm_stage(spacing, start) for spacing, start in OFFICIAL_RECIPE]
-    levels = [r.start_level for r in rounds]
-    rows = [("official IIDM: DDIM eta 0, " + " / ".join(f"{s} from {i}" for s, i in OFFICIAL_RECIPE),
-             [r.num_steps for r in rounds], 2 * sum(r.num_steps for r in rounds))]
-    for n in solver_steps:
-        steps = [min(n, level + 1) for level in levels]
-        rows.append((f"DPM-Solver++(2M), {n} steps per round from levels {levels}", steps,
-                     2 * sum(steps)))
+    schedule = make_schedule()
+    rows = []
+    for name in pipeline.PRESETS:
+        rounds = pipeline.preset_rounds(name, schedule)
+        rows.append((name, [r.stage.num_steps for r in rounds], [r.sampler for r in rounds],
+                     pipeline.unet_passes(rounds)))
     return rows
+
+
+def preset_accuracy(schedule, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+    """{preset: {data set: [error of each round]}} on the oracle."""
+    from bench.oracle import DATA, rounds_errors
+    from ldm import pipeline
+
+    return {name: {data_name: rounds_errors(pipeline.preset_rounds(name, schedule), data, schedule, seed)
+                   for data_name, data in DATA.items()}
+            for name in pipeline.PRESETS}
+
+
+def selection_table(schedule, official: dict[str, list[float]], steps=range(4, 17),
+                    seed: int = 0) -> dict[tuple[int, str, int], float]:
+    """{(round, sampler, steps): largest error / official round's error over the data sets}, each
+    solver on logSNR grids from the round's level: the table the solver presets were read from."""
+    from bench.oracle import DATA, round_error
+    from ldm.pipeline import IIDM_LEVELS_SCALES
+    from ldm.respace import solver_timesteps
+    from ldm.samplers import SAMPLERS
+
+    table = {}
+    for index, (level, _) in enumerate(IIDM_LEVELS_SCALES):
+        for sampler in SOLVERS:
+            for n in steps:
+                ts = solver_timesteps(schedule, level, n, "logSNR")
+                table[index, sampler, n] = max(
+                    round_error(data, schedule, SAMPLERS[sampler], level, ts, seed) / official[name][index]
+                    for name, data in DATA.items())
+    return table
+
+
+def grid_errors(schedule, steps=(10, 20), levels=(600, 640, 400)) -> dict[tuple, float]:
+    """{(data set, steps, level, spacing): error} of DPM-Solver++(2M) on each solver spacing."""
+    from bench.oracle import DATA, round_error
+    from ldm.respace import SOLVER_SPACINGS, solver_timesteps
+    from ldm.samplers import dpm_solver_pp_2m
+
+    return {(name, n, level, spacing): round_error(data, schedule, dpm_solver_pp_2m, level,
+                                                   solver_timesteps(schedule, level, n, spacing))
+            for name, data in DATA.items() for n in steps for level in levels
+            for spacing in SOLVER_SPACINGS}
+
+
+def order_errors(schedule, steps=(20, 40, 80), start: int = 999, end: int = 199) -> dict[str, list[float]]:
+    """{sampler: [error at each step count]} on the mixture over time-uniform grids from ``start``
+    to ``end``, against the x0 prediction at ``end`` of the exact ODE solution."""
+    import jittor as jt
+
+    from bench.oracle import MIXTURE, SHAPE, jittor_model_fn
+    from ldm.samplers import ddim_sample, dpm_solver_pp_2m, dpm_solver_pp_3m, unipc
+
+    abar = schedule.alphas_cumprod
+    x = MIXTURE.noised(abar[start], SHAPE, seed=1)
+    reference = MIXTURE.x0_prediction(MIXTURE.flow(x, abar[start], abar[end], rk4_steps=1000), abar[end])
+    model = jittor_model_fn(MIXTURE, schedule)
+    samplers = {"ddim": ddim_sample, "dpm_solver_pp_2m": dpm_solver_pp_2m,
+                "dpm_solver_pp_3m": dpm_solver_pp_3m, "unipc order 1": lambda *a: unipc(*a, order=1),
+                "unipc order 2": unipc, "unipc order 3": lambda *a: unipc(*a, order=3)}
+    return {name: [float(np.abs(sampler(model, schedule, jt.array(x, dtype="float64"),
+                                        [int(v) for v in np.linspace(start, end, n + 1)]).numpy()
+                                - reference).max()) for n in steps]
+            for name, sampler in samplers.items()}
 
 
 def _tiny_network(jt, channels: int, num_classes: int, width: int = 8):
@@ -64,7 +131,7 @@ def time_samplers(jt, batch: int, height: int, width: int, steps: int, num_class
     """Seconds per step of each sampler (guided, batched) and per bare network call on 2B."""
     from ldm.guidance import classifier_free_guidance
     from ldm.respace import solver_timesteps
-    from ldm.samplers import PerImageNoise, ddim_sample, ddpm_sample, dpm_solver_pp_2m
+    from ldm.samplers import PerImageNoise, ddim_sample, ddpm_sample, dpm_solver_pp_2m, dpm_solver_pp_3m, unipc
     from ldm.schedule import make_schedule
 
     schedule = make_schedule()
@@ -81,6 +148,8 @@ def time_samplers(jt, batch: int, height: int, width: int, steps: int, num_class
         "ddpm (learned variance)": lambda: ddpm_sample(model_fn, schedule, x, timesteps,
                                                        noise_fn=PerImageNoise(range(batch))),
         "dpm_solver_pp_2m": lambda: dpm_solver_pp_2m(model_fn, schedule, x, timesteps),
+        "dpm_solver_pp_3m": lambda: dpm_solver_pp_3m(model_fn, schedule, x, timesteps),
+        "unipc (order 2)": lambda: unipc(model_fn, schedule, x, timesteps),
     }
     x2 = jt.concat([x, x])
     t2 = jt.full((2 * batch,), 300, dtype="int32")
@@ -106,23 +175,75 @@ def time_samplers(jt, batch: int, height: int, width: int, steps: int, num_class
     return results
 
 
+def print_accuracy(selection: bool) -> None:
+    from bench.oracle import DATA, SHAPE
+    from ldm import pipeline
+    from ldm.schedule import make_schedule
+
+    schedule = make_schedule()
+    points = int(np.prod(SHAPE))
+    print(f"\nOracle error per round (largest |result - exact ODE solution| over {points} points; "
+          "in brackets: / the official round's)")
+    accuracy = preset_accuracy(schedule)
+    official = accuracy["iidm"]
+    passes = {name: p for name, _, _, p in pass_counts()}
+    official_levels = [r.stage.start_level for r in pipeline.preset_rounds("iidm", schedule)]
+    for name, per_data in accuracy.items():
+        levels = [r.stage.start_level for r in pipeline.preset_rounds(name, schedule)]
+        for data_name, errors in per_data.items():
+            # a ratio only where the round starts from the official round's level
+            cells = "  ".join(f"{e:.4f} ({e / t:.2f})" if level == official_level else f"{e:.4f} (t={level})"
+                              for e, t, level, official_level in zip(errors, official[data_name], levels,
+                                                                     official_levels))
+            print(f"  {name:10s} {passes[name]:5d} passes  {data_name:8s}  {cells}")
+    print("\nData: " + "; ".join(f"{k} {v!r}" for k, v in DATA.items()))
+
+    print("\nGrids, DPM-Solver++(2M):")
+    grids = grid_errors(schedule)
+    for name, n, level in dict.fromkeys(key[:3] for key in grids):
+        print(f"  {name:8s} {n:2d} calls from t = {level}: "
+              + "  ".join(f"{key[3]} {grids[key]:.4f}" for key in grids if key[:3] == (name, n, level)))
+
+    print("\nConvergence on the mixture, time-uniform grids 999 -> 199 (20, 40, 80 steps):")
+    for name, errors in order_errors(schedule).items():
+        orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+        print(f"  {name:17s} " + "  ".join(f"{e:.2e}" for e in errors)
+              + "   orders " + "  ".join(f"{o:.2f}" for o in orders))
+
+    if selection:
+        print("\nLargest error / official round's error over both data sets, logSNR grids, steps 4..16:")
+        table = selection_table(schedule, official)
+        for index in range(3):
+            print(f"  round {index}")
+            for sampler in SOLVERS:
+                print(f"    {sampler:17s} " + " ".join(f"{table[index, sampler, n]:6.2f}"
+                                                     for n in range(4, 17)))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     parser.add_argument("--height", type=int, default=96, help="latent height (default 96)")
     parser.add_argument("--width", type=int, default=128, help="latent width (default 128)")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run (default 20)")
-    parser.add_argument("--skip-timing", action="store_true", help="print the pass counts only")
+    parser.add_argument("--selection", action="store_true",
+                        help="also print every solver's error at 4..16 steps per round (about a minute)")
+    parser.add_argument("--skip-accuracy", action="store_true", help="skip the oracle measurements")
+    parser.add_argument("--skip-timing", action="store_true", help="skip the wall-time measurement")
     jittor_env.add_arguments(parser)
     args = parser.parse_args(argv)
 
-    print("Network passes per image (classifier-free guidance: 2 per step)")
-    for setting, steps, passes in pass_counts():
-        print(f"  {passes:5d}  {setting}: steps {steps}")
+    print("U-Net passes per image (classifier-free guidance: 2 per step)")
+    for name, steps, samplers, passes in pass_counts():
+        print(f"  {passes:5d}  {name}: steps {steps}, {', '.join(dict.fromkeys(samplers))}")
+    if args.skip_accuracy and args.skip_timing:
+        return 0
+    jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+    if not args.skip_accuracy:
+        print_accuracy(args.selection)
     if args.skip_timing:
         return 0
 
-    jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     device = "cuda" if jt.flags.use_cuda else "cpu"
     results = time_samplers(jt, args.batch, args.height, args.width, args.steps)
     net_time = results.pop("network call on 2B")

@@ -3,8 +3,8 @@ and inference stages. Receives networks as arguments; imports no network class."
 
 from importlib import import_module
 
-from .respace import (Stage, iidm_stage, respace, solver_stage, solver_timesteps, space_timesteps,
-                      spaced_stage)
+from .respace import (SOLVER_SPACINGS, Stage, iidm_stage, respace, solver_stage, solver_timesteps,
+                      space_timesteps, spaced_stage)
 from .schedule import Schedule, ScheduleConfig, make_schedule
 
 # The Jittor-based parts load on first use, so numpy-only users of the package (schedules,
@@ -17,13 +17,16 @@ _LAZY = {
     "discretized_gaussian_log_likelihood": "losses",
     "ddim_step": "samplers", "ddpm_step": "samplers",
     "ddim_sample": "samplers", "ddpm_sample": "samplers", "dpm_solver_pp_2m": "samplers",
+    "dpm_solver_pp_3m": "samplers", "unipc": "samplers", "SAMPLERS": "samplers",
     "img2img_start": "samplers", "img2img": "samplers", "PerImageNoise": "samplers",
     "global_noise": "samplers",
     "classifier_free_guidance": "guidance", "drop_masks": "guidance", "null_mask_like": "guidance",
+    "Round": "pipeline", "preset_rounds": "pipeline", "run_rounds": "pipeline", "unet_passes": "pipeline",
+    "PRESETS": "pipeline",
 }
 
 __all__ = ["Schedule", "ScheduleConfig", "make_schedule", "Stage", "iidm_stage", "spaced_stage",
-           "solver_stage", "solver_timesteps", "space_timesteps", "respace", *_LAZY]
+           "solver_stage", "solver_timesteps", "SOLVER_SPACINGS", "space_timesteps", "respace", *_LAZY]
 
 
 def __getattr__(name):

@@ -1,6 +1,6 @@
 """Timestep respacing (guided-diffusion's exact index rules) and sampling stages.
 
-A *stage* is one noise-and-denoise round (DESIGN §4): the input latent is noised to the level of
+A *stage* is one noise-and-denoise round: the input latent is noised to the level of
 a training timestep (``start_level``), then a sampler visits a strictly decreasing list of
 training timesteps; the step taken at ``timesteps[i]`` moves the sample to the noise level of
 ``timesteps[i + 1]``, and the step at the last one moves it to clean data (abar = 1). A respaced
@@ -23,7 +23,7 @@ import numpy as np
 
 from .schedule import Schedule
 
-SOLVER_SPACINGS = ("time_uniform", "logSNR")
+SOLVER_SPACINGS = ("time_uniform", "logSNR", "trailing")
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> list[int]:
@@ -156,32 +156,44 @@ def spaced_stage(respacing: str, start_index: int, num_timesteps: int = 1000) ->
 
 def solver_timesteps(schedule: Schedule, start_level: int, num_steps: int,
                      spacing: str = "time_uniform") -> tuple[int, ...]:
-    """``num_steps`` strictly decreasing training timesteps from ``start_level`` down to 0.
+    """``num_steps`` strictly decreasing training timesteps from ``start_level`` for a few-step solver.
 
-    ``"time_uniform"``: round(linspace(start_level, 0, num_steps)) (DPM-Solver's recommended
-    spacing for discrete-time models). ``"logSNR"``: uniform in lambda = log(alpha/sigma) =
-    0.5 log(abar / (1 - abar)) between lambda(start_level) and lambda(0), each point mapped to the
-    nearest timestep by linear interpolation of lambda over the integer timesteps; an error if
-    rounding merges two points (lambda changes fastest near t = 0, where timesteps are coarse).
+    The sampler's last step goes from the last of them to clean data (the x0 prediction there), so
+    a grid that stops short of t = 0 still ends at clean data.
+
+    ``"time_uniform"``: round(linspace(start_level, 0, num_steps)), down to t = 0. Its last step
+    is short in t but long in lambda = log(alpha/sigma) (lambda rises fastest near t = 0), so a
+    multistep solver extrapolates its last step far: accurate only with many steps.
+    ``"logSNR"``: uniform in lambda = 0.5 log(abar / (1 - abar)) between lambda(start_level) and
+    lambda(0), each point mapped to the nearest timestep by linear interpolation of lambda over
+    the integer timesteps; an error if rounding merges two points (lambda changes fastest near
+    t = 0, where timesteps are coarse). Equal steps in lambda suit the exponential integrators
+    (DPM-Solver++, UniPC), whose error depends on the steps and step ratios in lambda.
+    ``"trailing"``: round(linspace(start_level, 0, num_steps + 1)) without its final 0: uniform
+    in t and stopping at start_level / num_steps, whose x0 prediction is the result (diffusers'
+    "trailing" spacing, counted from the start level).
     """
     if schedule.is_respaced:
         raise ValueError("solver_timesteps() needs the training schedule, not a respaced one")
     if not 0 <= start_level < schedule.num_timesteps:
         raise ValueError(f"start_level must be in [0, {schedule.num_timesteps}), got {start_level}")
-    if not 1 <= num_steps <= start_level + 1:
-        raise ValueError(f"num_steps must be in 1..{start_level + 1} for start level {start_level}, "
-                         f"got {num_steps}")
+    if spacing not in SOLVER_SPACINGS:
+        raise ValueError(f"unknown solver spacing {spacing!r}; expected one of {SOLVER_SPACINGS}")
+    most = start_level if spacing == "trailing" else start_level + 1
+    if not 1 <= num_steps <= most:
+        raise ValueError(f"num_steps must be in 1..{most} for start level {start_level} and "
+                         f"spacing {spacing!r}, got {num_steps}")
     if num_steps == 1:
         return (int(start_level),)
     if spacing == "time_uniform":
         points = np.linspace(start_level, 0.0, num_steps)
-    elif spacing == "logSNR":
+    elif spacing == "trailing":
+        points = np.linspace(start_level, 0.0, num_steps + 1)[:-1]
+    else:
         lam = 0.5 * (np.log(schedule.alphas_cumprod) - np.log1p(-schedule.alphas_cumprod))
         targets = np.linspace(lam[start_level], lam[0], num_steps)
         # lambda decreases with t; np.interp needs increasing abscissae.
         points = np.interp(targets, lam[::-1], np.arange(schedule.num_timesteps)[::-1].astype(float))
-    else:
-        raise ValueError(f"unknown solver spacing {spacing!r}; expected one of {SOLVER_SPACINGS}")
     ts = [int(v) for v in np.round(points)]
     if any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError(f"{num_steps} {spacing} steps from level {start_level} round to repeated "
@@ -192,6 +204,6 @@ def solver_timesteps(schedule: Schedule, start_level: int, num_steps: int,
 def solver_stage(schedule: Schedule, start_level: int, num_steps: int,
                  spacing: str = "time_uniform") -> Stage:
     """A stage for a few-step solver: noise to ``start_level`` and visit ``num_steps`` timesteps
-    from ``start_level`` down to 0 (``solver_timesteps``)."""
+    from ``start_level`` on (``solver_timesteps``)."""
     return Stage(start_level=start_level,
                  timesteps=solver_timesteps(schedule, start_level, num_steps, spacing))

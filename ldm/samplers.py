@@ -167,6 +167,21 @@ def ddpm_sample(model_fn: ModelFn, schedule: Schedule, x: jt.Var, timesteps: Seq
     return x
 
 
+def _vp_coefficients(schedule: Schedule, ts: Sequence[int]):
+    """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) and lambda_t = log(alpha_t / sigma_t) of the
+    visited timesteps, as Python floats (the VP form of the discrete schedule)."""
+    ac = schedule.alphas_cumprod
+    alpha = [math.sqrt(float(ac[t])) for t in ts]
+    sigma = [math.sqrt(1.0 - float(ac[t])) for t in ts]
+    lam = [math.log(a) - math.log(s) for a, s in zip(alpha, sigma)]
+    return alpha, sigma, lam
+
+
+def _data_prediction(model_fn, schedule: Schedule, x: jt.Var, t: int, clip_denoised: bool) -> jt.Var:
+    eps, _ = split_model_output(_call(model_fn, x, t), x)
+    return _xstart(x, eps, float(schedule.alphas_cumprod[t]), clip_denoised)
+
+
 def dpm_solver_pp_2m(model_fn: ModelFn, schedule: Schedule, x: jt.Var, timesteps: Sequence[int], *,
                      clip_denoised: bool = False) -> jt.Var:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): multistep, second order, data prediction.
@@ -182,20 +197,18 @@ def dpm_solver_pp_2m(model_fn: ModelFn, schedule: Schedule, x: jt.Var, timesteps
     The last step goes to clean data (sigma = 0, lambda = inf): x' = x0 of the last evaluation,
     first order, exactly like DDIM's last step and k-diffusion's step to sigma = 0 (so there is no
     separate "denoise to zero" call). ``len(timesteps)`` network calls in all; the time grid is
-    the caller's (``ldm.respace.solver_timesteps``: uniform in t or in lambda, integer timesteps).
+    the caller's (``ldm.respace.solver_timesteps``). Its step ratios r matter: a grid whose last
+    step is much longer in lambda than the one before (``"time_uniform"`` down to t = 0) makes
+    1/(2r) large and the last extrapolation inaccurate; ``"logSNR"`` keeps r = 1.
     """
     _training_schedule(schedule, "dpm_solver_pp_2m")
     ts = check_timesteps(schedule, timesteps)
-    ac = schedule.alphas_cumprod
-    alpha = [math.sqrt(float(ac[t])) for t in ts]
-    sigma = [math.sqrt(1.0 - float(ac[t])) for t in ts]
-    lam = [math.log(a) - math.log(s) for a, s in zip(alpha, sigma)]
+    alpha, sigma, lam = _vp_coefficients(schedule, ts)
     x0_prev = None
     h_prev = None
     with jt.no_grad():
         for i, t in enumerate(ts):
-            eps, _ = split_model_output(_call(model_fn, x, t), x)
-            x0 = _xstart(x, eps, float(ac[t]), clip_denoised)
+            x0 = _data_prediction(model_fn, schedule, x, t, clip_denoised)
             if i + 1 == len(ts):
                 x = x0
                 x.sync()
@@ -212,7 +225,161 @@ def dpm_solver_pp_2m(model_fn: ModelFn, schedule: Schedule, x: jt.Var, timesteps
     return x
 
 
-SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpm_solver_pp_2m": dpm_solver_pp_2m}
+def dpm_solver_pp_3m(model_fn: ModelFn, schedule: Schedule, x: jt.Var, timesteps: Sequence[int], *,
+                     clip_denoised: bool = False) -> jt.Var:
+    """DPM-Solver++(3M): the multistep exponential integrator of Lu et al. 2022 with the data
+    prediction expanded to second order in lambda (third order overall).
+
+    The probability-flow ODE in data-prediction form is solved exactly over its linear part (the
+    variation-of-constants formula of DPM-Solver++): with tau = lambda - lambda_{t_i} and
+    h = lambda_{t_{i+1}} - lambda_{t_i},
+
+        x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} int_0^h e^{tau - h} x0(tau) dtau.
+
+    x0(tau) is replaced by the quadratic through the last three evaluations x0_i, x0_{i-1},
+    x0_{i-2} at tau = 0, -h_{i-1}, -(h_{i-1} + h_{i-2}) (Newton form: divided differences
+    f01 = (x0_i - x0_{i-1}) / h_{i-1}, f12 likewise, f012 = (f01 - f12) / (h_{i-1} + h_{i-2}),
+    so x0(tau) = x0_i + (f01 + h_{i-1} f012) tau + f012 tau^2 + O(tau^3)). The weights are the
+    exact integrals
+
+        phi0 = int e^{tau-h} dtau = -expm1(-h),  phi1 = int e^{tau-h} tau dtau = h - phi0,
+        int e^{tau-h} tau^2 dtau = 2 phi2,  phi2 = h^2 / 2 - phi1,
+
+    giving x_{i+1} = (sigma_{i+1}/sigma_i) x_i + alpha_{i+1} (phi0 x0_i + phi1 (f01 + h_{i-1} f012)
+    + 2 phi2 f012). The first step is DDIM and the second DPM-Solver++(2M) (too few evaluations
+    for the quadratic); the step from the last visited timestep to clean data returns its x0,
+    as in ``dpm_solver_pp_2m``. DPM-Solver's released multistep third-order update (and
+    diffusers') weights the f012 term by half of 2 phi2, which leaves that method second order
+    (measured in docs/benchmarks.md, "Sampler accuracy").
+    """
+    _training_schedule(schedule, "dpm_solver_pp_3m")
+    ts = check_timesteps(schedule, timesteps)
+    alpha, sigma, lam = _vp_coefficients(schedule, ts)
+    history: list[jt.Var] = []
+    with jt.no_grad():
+        for i, t in enumerate(ts):
+            x0 = _data_prediction(model_fn, schedule, x, t, clip_denoised)
+            if i + 1 == len(ts):
+                x = x0
+                x.sync()
+                break
+            h = lam[i + 1] - lam[i]
+            phi0 = -math.expm1(-h)
+            phi1 = h - phi0
+            step = phi0 * x0
+            if i >= 1:
+                h0 = lam[i] - lam[i - 1]
+                f01 = (x0 - history[-1]) * (1.0 / h0)
+                if i == 1:
+                    # phi0 (x0_i + h/2 f01): DPM-Solver++(2M)'s D
+                    step = step + (0.5 * h * phi0) * f01
+                else:
+                    h1 = lam[i - 1] - lam[i - 2]
+                    f12 = (history[-1] - history[-2]) * (1.0 / h1)
+                    f012 = (f01 - f12) * (1.0 / (h0 + h1))
+                    phi2 = 0.5 * h * h - phi1
+                    step = step + phi1 * f01 + (phi1 * h0 + 2.0 * phi2) * f012
+            x = (sigma[i + 1] / sigma[i]) * x + alpha[i + 1] * step
+            jt.sync([x, x0])
+            history = (history + [x0])[-2:]
+    return x
+
+
+def _unipc_weights(ratios: Sequence[float], h: float) -> list[float]:
+    """The weights of UniPC's divided differences (Zhao et al. 2023, data prediction, B(h) = e^{-h} - 1).
+
+    With hh = -h and psi_1 = (e^hh - 1) / hh, psi_{q+1} = (psi_q - 1/q!) / hh, the weights w solve
+    sum_k w_k r_k^{q-1} = q! hh psi_{q+1} / B(h) for q = 1..n (n = len(ratios)), the conditions
+    that make the update exact for data predictions polynomial in lambda of degree n. A single
+    difference takes w = 1/2 (the leading term of that solution, as the authors' code does).
+    """
+    n = len(ratios)
+    if n == 0:
+        return []
+    if n == 1:
+        return [0.5]
+    hh = -h
+    b_h = math.expm1(hh)
+    rhs, hh_psi, factorial = [], math.expm1(hh) / hh - 1.0, 1.0
+    for q in range(1, n + 1):
+        rhs.append(hh_psi * factorial / b_h)
+        factorial *= q + 1
+        hh_psi = hh_psi / hh - 1.0 / factorial
+    system = np.array([[r ** (q - 1) for r in ratios] for q in range(1, n + 1)], dtype=np.float64)
+    return [float(w) for w in np.linalg.solve(system, np.array(rhs))]
+
+
+def _unipc_update(x: jt.Var, x0s: Sequence[jt.Var], i: int, order: int, alpha, sigma, lam,
+                  x0_next: jt.Var | None = None) -> jt.Var:
+    """UniPC's step from visited index i to i+1: the predictor UniP-``order`` without ``x0_next``,
+    the corrector UniC-``order`` with it (``x0_next``: the evaluation at the predicted point).
+    ``x0s`` ends with the evaluations at i - order + 1 .. i."""
+    h = lam[i + 1] - lam[i]
+    x0 = x0s[-1]
+    ratios, diffs = [], []
+    for k in range(1, order):
+        r = (lam[i - k] - lam[i]) / h
+        ratios.append(r)
+        diffs.append((x0s[-1 - k] - x0) * (1.0 / r))
+    if x0_next is not None:
+        ratios.append(1.0)
+        diffs.append(x0_next - x0)
+    b_h = math.expm1(-h)
+    out = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * b_h) * x0
+    for w, d in zip(_unipc_weights(ratios, h), diffs):
+        out = out - (alpha[i + 1] * b_h * w) * d
+    return out
+
+
+def unipc(model_fn: ModelFn, schedule: Schedule, x: jt.Var, timesteps: Sequence[int], *,
+          order: int = 2, clip_denoised: bool = False) -> jt.Var:
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework"): multistep, data
+    prediction, B(h) = e^{-h} - 1 ("bh2"), predictor UniP-p and corrector UniC-p with p = ``order``.
+
+    Notation of ``dpm_solver_pp_3m``. From visited t_i to t_{i+1} (h = lambda_{i+1} - lambda_i),
+    with ratios r_k = (lambda_{i-k} - lambda_i) / h and differences D_k = (x0_{i-k} - x0_i) / r_k
+    of the p - 1 earlier evaluations,
+
+        predictor:  x~_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} B(h) (x0_i + sum_k a_k D_k)
+        corrector:  x_{i+1}  = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} B(h) (x0_i + sum_k c_k D_k
+                                                                             + c_p (x0_{i+1} - x0_i))
+
+    where x0_{i+1} is the network's data prediction at x~_{i+1} (it is also the history entry for
+    the later steps, so the corrector costs no network call) and a, c are ``_unipc_weights``. The
+    corrector raises the order by one: UniPC-p is of order p + 1 (UniPC-2, the default, is third
+    order). The first steps use the evaluations available (p grows 1, 2, ..); the step from the
+    last visited timestep to clean data returns that evaluation's x0 (no correction is needed
+    there, it would not change the result).
+    """
+    _training_schedule(schedule, "unipc")
+    ts = check_timesteps(schedule, timesteps)
+    if order not in (1, 2, 3):
+        raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
+    alpha, sigma, lam = _vp_coefficients(schedule, ts)
+    x0s: list[jt.Var] = []
+    x_from = None
+    used = 1
+    with jt.no_grad():
+        for i, t in enumerate(ts):
+            x0 = _data_prediction(model_fn, schedule, x, t, clip_denoised)
+            if i + 1 == len(ts):
+                x = x0
+                x.sync()
+                break
+            if i > 0:
+                x = _unipc_update(x_from, x0s, i - 1, used, alpha, sigma, lam, x0_next=x0)
+            x0s = (x0s + [x0])[-order:]
+            used = min(order, i + 1)
+            x_from = x
+            x = _unipc_update(x, x0s, i, used, alpha, sigma, lam)
+            jt.sync([x, x_from, x0])
+    return x
+
+
+SAMPLERS = {"ddim": ddim_sample, "ddpm": ddpm_sample, "dpm_solver_pp_2m": dpm_solver_pp_2m,
+            "dpm_solver_pp_3m": dpm_solver_pp_3m, "unipc": unipc}
+# The deterministic ODE solvers: no noise, no eta.
+ODE_SOLVERS = ("dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc")
 
 
 def img2img_start(schedule: Schedule, x0: jt.Var, start_level: int, noise: jt.Var) -> jt.Var:
@@ -231,8 +398,9 @@ def img2img(sampler: Callable, model_fn: ModelFn, schedule: Schedule, x0: jt.Var
             noise: jt.Var, **sampler_options) -> jt.Var:
     """One stage: ``img2img_start`` to ``stage.start_level``, then ``sampler`` over ``stage.timesteps``.
 
-    ``sampler`` is ``ddim_sample``, ``ddpm_sample`` or ``dpm_solver_pp_2m``; ``sampler_options``
-    its keyword options (eta, noise_fn, clip_denoised).
+    ``sampler`` is one of ``SAMPLERS`` (``ddim_sample``, ``ddpm_sample``, ``dpm_solver_pp_2m``,
+    ``dpm_solver_pp_3m``, ``unipc``); ``sampler_options`` its keyword options (eta, noise_fn,
+    clip_denoised, order).
     """
     x = img2img_start(schedule, x0, stage.start_level, noise)
     return sampler(model_fn, schedule, x, stage.timesteps, **sampler_options)

@@ -1,5 +1,6 @@
-"""The inference pipeline as data: the presets against DESIGN §5 written out here, and the round
-chain with a closed-form network and identity-like autoencoder against a float64 numpy chain."""
+"""The inference pipeline as data: the presets against the official recipe written out here, and
+the round chain with a closed-form network and identity-like autoencoder against a float64 numpy
+chain. The solver presets' accuracy is measured in tests/test_oracle.py."""
 
 import math
 
@@ -8,8 +9,8 @@ import pytest
 
 import jittor as jt
 
-from ldm.pipeline import (Round, check_rounds, fast_rounds, iidm_rounds, image_seed, preset_rounds,
-                          pure_noise_rounds, run_rounds, unet_passes)
+from ldm.pipeline import (PRESETS, Round, check_rounds, fast_rounds, fastest_rounds, iidm_rounds,
+                          image_seed, preset_rounds, pure_noise_rounds, run_rounds, unet_passes)
 from ldm.respace import Stage
 from ldm.schedule import ScheduleConfig, make_schedule
 
@@ -24,7 +25,7 @@ def sched():
 
 # ----------------------------------------------------------------------------------- presets
 def test_iidm_preset_is_design_section_5():
-    # DESIGN §5: (spacing stride, start index, guidance); the official loop noises to
+    # The official recipe: (spacing stride, start index, guidance); the official loop noises to
     # index * stride and visits indices start-1 .. 0, i.e. timesteps (start-1)*stride .. 0.
     table = [(2, 300, 3.5, "reference", False), (2, 320, 3.7, "previous", True),
              (20, 20, 3.7, "previous", True)]
@@ -40,18 +41,51 @@ def test_iidm_preset_is_design_section_5():
     assert unet_passes(rounds) == 2 * (300 + 320 + 20) == 1280
 
 
-def test_fast_preset_is_a_tenth(sched):
-    rounds = fast_rounds(sched)
+def _lambda(t):
+    return 0.5 * np.log(ABAR[t] / (1 - ABAR[t]))
+
+
+@pytest.mark.parametrize("name, samplers, steps, passes", [
+    ("fast", ("dpm_solver_pp_3m", "dpm_solver_pp_3m", "unipc"), (12, 12, 6), 60),
+    ("fastest", ("unipc", "unipc", "unipc"), (5, 5, 5), 30)])
+def test_solver_presets(sched, name, samplers, steps, passes):
+    rounds = preset_rounds(name, sched)
+    assert rounds == {"fast": fast_rounds, "fastest": fastest_rounds}[name](sched)
     assert [r.stage.start_level for r in rounds] == [600, 640, 400]
-    assert [r.stage.timesteps[0] for r in rounds] == [600, 640, 400]
-    assert all(r.stage.timesteps[-1] == 0 and len(r.stage.timesteps) == 20 for r in rounds)
+    assert tuple(r.sampler for r in rounds) == samplers
+    assert tuple(r.stage.num_steps for r in rounds) == steps
     assert [r.guidance_scale for r in rounds] == [3.5, 3.7, 3.7]
     assert [(r.start, r.color_transfer) for r in rounds] == [("reference", False), ("previous", True),
                                                              ("previous", True)]
-    assert {r.sampler for r in rounds} == {"dpm_solver_pp_2m"}
-    assert unet_passes(rounds) == 120
-    assert 0.05 < unet_passes(rounds) / unet_passes(iidm_rounds()) < 0.15
+    for rnd in rounds:
+        ts = rnd.stage.timesteps
+        # from the level it noised to down to t = 0, evenly in lambda up to rounding to timesteps
+        assert ts[0] == rnd.stage.start_level and ts[-1] == 0
+        lam = _lambda(np.array(ts))
+        targets = np.linspace(lam[0], lam[-1], len(ts))
+        for t, target in zip(ts, targets):
+            assert _lambda(min(t + 1, 999)) - 1e-9 <= target <= _lambda(max(t - 1, 0)) + 1e-9
+    assert unet_passes(rounds) == passes
+    assert unet_passes(rounds) / unet_passes(iidm_rounds()) <= 1 / 20
+
+
+def test_steps_per_round(sched):
+    assert [r.stage.num_steps for r in preset_rounds("fast", sched, steps=3)] == [3, 3, 3]
     assert unet_passes(preset_rounds("fast", sched, steps=3)) == 3 * 3 * 2
+    rounds = preset_rounds("fastest", sched, steps=(8, 7, np.int64(4)))
+    assert [r.stage.num_steps for r in rounds] == [8, 7, 4]
+    assert unet_passes(rounds) == 2 * (8 + 7 + 4)
+    assert [r.sampler for r in rounds] == ["unipc"] * 3
+    assert [r.stage.num_steps for r in fast_rounds(sched, [20, 20, 20])] == [20, 20, 20]
+    with pytest.raises(ValueError, match="expected 3 values"):
+        preset_rounds("fast", sched, steps=(10, 10))
+    with pytest.raises(ValueError, match="positive integers"):
+        preset_rounds("fast", sched, steps=(10, 0, 5))
+    with pytest.raises(ValueError, match="positive integers"):
+        preset_rounds("fast", sched, steps=(10, 2.5, 5))
+    with pytest.raises(TypeError, match="an int or a sequence"):
+        preset_rounds("fast", sched, steps=10.0)
+    assert PRESETS == ("iidm", "fast", "fastest", "pure-noise")
 
 
 def test_pure_noise_preset(sched):
@@ -66,6 +100,8 @@ def test_pure_noise_preset(sched):
 def test_preset_and_round_errors(sched):
     with pytest.raises(ValueError, match="fixed recipe"):
         preset_rounds("iidm", sched, steps=5)
+    with pytest.raises(ValueError, match="fixed recipe"):
+        preset_rounds("pure-noise", sched, steps=(5, 5, 5))
     with pytest.raises(ValueError, match="unknown pipeline preset 'slow'"):
         preset_rounds("slow", sched)
     stage = Stage(10, (10, 0))
@@ -184,14 +220,17 @@ def test_chain_matches_numpy_and_transfers_colours_between_rounds(jt, sched):
 MIXED = (Round(Stage(300, (300, 150, 40)), "ddim", 2.0, start="reference", eta=0.7),
          Round(Stage(250, (250, 120, 0)), "dpm_solver_pp_2m", 1.0, color_transfer=True),
          Round(Stage(100, (90, 30)), "ddpm", 2.5, color_transfer=True))
+SOLVERS = (Round(Stage(300, (300, 200, 120, 60, 0)), "dpm_solver_pp_3m", 2.0, start="reference"),
+           Round(Stage(250, (250, 150, 70, 20)), "unipc", 1.5, color_transfer=True))
 
 
-def test_an_image_comes_out_the_same_alone_or_in_a_batch(jt, sched):
+@pytest.mark.parametrize("rounds", [MIXED, SOLVERS], ids=["ddim-dpm2m-ddpm", "dpm3m-unipc"])
+def test_an_image_comes_out_the_same_alone_or_in_a_batch(jt, sched, rounds):
     references, masks = inputs(seed=5)
     seeds = [image_seed(3, name) for name in ("a", "b", "c")]
 
     def run(index):
-        return run_rounds(MIXED, sched, unet=dummy_unet, encode=encode, decode=decode,
+        return run_rounds(rounds, sched, unet=dummy_unet, encode=encode, decode=decode,
                           color_transfer=RecordingTransfer(), masks=masks[index],
                           references=references[index], seeds=[seeds[i] for i in index])[-1]
 
@@ -199,8 +238,9 @@ def test_an_image_comes_out_the_same_alone_or_in_a_batch(jt, sched):
     alone = run([1])
     assert np.array_equal(together[1], alone[0])
     assert not np.array_equal(together[0], together[1])
-    # the noise draws matter (eta > 0 and DDPM): another seed gives another image
-    other = run_rounds(MIXED, sched, unet=dummy_unet, encode=encode, decode=decode,
+    # the noise draws matter (the start of each round; eta > 0 and DDPM): another seed gives
+    # another image
+    other = run_rounds(rounds, sched, unet=dummy_unet, encode=encode, decode=decode,
                        color_transfer=RecordingTransfer(), masks=masks[[1]], references=references[[1]],
                        seeds=[seeds[1] + 1])[-1]
     assert not np.array_equal(other[0], alone[0])

@@ -1,7 +1,9 @@
 """Sampler loops with closed-form dummy models against float64 loops written here: DDIM (eta 0
 and > 0), DDPM with learned variance over a respaced list, DPM-Solver++(2M) against k-diffusion's
-sigma-form algorithm, exact recovery of a constant x_0, per-image noise, and IIDM's
-image-to-image start reproduced from the official loop's index rules."""
+sigma-form algorithm, DPM-Solver++(3M) and UniPC against exponential integrators whose weights are
+integrals of interpolating polynomials taken by quadrature, exact recovery of a constant x_0,
+per-image noise, and IIDM's image-to-image start reproduced from the official loop's index rules.
+Accuracy against the exact ODE solution: tests/test_oracle.py."""
 
 import math
 
@@ -12,7 +14,7 @@ import jittor as jt
 
 from ldm.respace import iidm_stage, respace, solver_timesteps, spaced_stage
 from ldm.samplers import (PerImageNoise, ddim_sample, ddim_step, ddpm_sample, ddpm_step,
-                          dpm_solver_pp_2m, img2img, img2img_start)
+                          dpm_solver_pp_2m, dpm_solver_pp_3m, img2img, img2img_start, unipc)
 from ldm.schedule import ScheduleConfig, make_schedule
 
 B, C, H, W = 2, 3, 8, 12
@@ -165,6 +167,105 @@ def test_dpm_solver_pp_2m_matches_k_diffusion_form(jt, sched):
     np.testing.assert_allclose(one, x0, rtol=1e-4, atol=1e-4)
 
 
+def _vp(t):
+    return math.sqrt(ABAR[t]), math.sqrt(1 - ABAR[t]), 0.5 * math.log(ABAR[t] / (1 - ABAR[t]))
+
+
+def _integral_weights(nodes, h):
+    """int_0^h e^{tau - h} L_j(tau) dtau for the Lagrange basis L_j on ``nodes`` (tau values), by
+    40-point Gauss-Legendre quadrature: the exponential integrator's weight of each evaluation
+    when the data prediction is replaced by its interpolating polynomial."""
+    u, w = np.polynomial.legendre.leggauss(40)
+    tau = 0.5 * h * (u + 1)
+    weights = []
+    for j, node in enumerate(nodes):
+        basis = np.prod([(tau - other) / (node - other) for k, other in enumerate(nodes) if k != j], axis=0)
+        weights.append(0.5 * h * np.sum(w * np.exp(tau - h) * basis))
+    return weights
+
+
+def _x0_np(x, t):
+    return (x - np.sqrt(1 - ABAR[t]) * _eps_np(x, t)) / np.sqrt(ABAR[t])
+
+
+def _dpmpp_3m_np(x, ts):
+    """First step DDIM, second DPM-Solver++(2M) (Lu et al. Alg. 2), then the quadratic through the
+    last three data predictions integrated exactly; the last visited step returns its x0."""
+    x = x.astype(np.float64)
+    x0s, lams = [], []
+    for i, t in enumerate(ts):
+        a, s, lam = _vp(t)
+        x0s.append(_x0_np(x, t))
+        lams.append(lam)
+        if i + 1 == len(ts):
+            return x0s[-1]
+        a_next, s_next, lam_next = _vp(ts[i + 1])
+        h = lam_next - lam
+        if i == 0:
+            step = -math.expm1(-h) * x0s[-1]
+        elif i == 1:
+            r = (lam - lams[-2]) / h
+            step = -math.expm1(-h) * ((1 + 0.5 / r) * x0s[-1] - (0.5 / r) * x0s[-2])
+        else:
+            weights = _integral_weights([lams[-1 - k] - lam for k in range(3)], h)
+            step = sum(w * x0s[-1 - k] for k, w in enumerate(weights))
+        x = (s_next / s) * x + a_next * step
+
+
+def _unipc_np(x, ts, order):
+    """UniPC with B(h) = e^{-h} - 1, written from its order conditions: one divided difference
+    takes the weight 1/2 (predictor UniP-2, corrector UniC-1); with more, the weights are those of
+    the interpolating polynomial (they make the step exact for polynomial data predictions, which
+    is what the linear system of the paper asks), here by quadrature."""
+    x = x.astype(np.float64)
+    x0s, lams = [], []
+
+    def update(x_from, i, nodes_back, x0_new=None):
+        """From visited i to i+1 using x0 at i, i-1, .., i-nodes_back+1 (and x0_new at i+1)."""
+        a, s, lam = _vp(ts[i])
+        a1, s1, lam1 = _vp(ts[i + 1])
+        h = lam1 - lam
+        b_h = math.expm1(-h)
+        values = [x0s[i - k] for k in range(nodes_back)] + ([x0_new] if x0_new is not None else [])
+        taus = [lams[i - k] - lam for k in range(nodes_back)] + ([h] if x0_new is not None else [])
+        if len(values) == 1:
+            combo = -b_h * values[0]
+        elif len(values) == 2:
+            r = taus[1] / h
+            combo = -b_h * (values[0] + 0.5 * (values[1] - values[0]) / r)
+        else:
+            combo = sum(w * v for w, v in zip(_integral_weights(taus, h), values))
+        return (s1 / s) * x_from + a1 * combo
+
+    used, x_from = 1, None
+    for i, t in enumerate(ts):
+        x0 = _x0_np(x, t)
+        if i + 1 == len(ts):
+            return x0
+        lams.append(_vp(t)[2])
+        if i > 0:
+            x = update(x_from, i - 1, used, x0_new=x0)
+        x0s.append(x0)
+        used = min(order, i + 1)
+        x_from = x
+        x = update(x, i, used)
+
+
+@pytest.mark.parametrize("spacing", ["logSNR", "time_uniform"])
+def test_dpm_solver_pp_3m_and_unipc_match_float64(jt, sched, spacing):
+    ts = list(solver_timesteps(sched, 900, 9, spacing))
+    x = _rand(3)
+    model = dummy_model(learned_variance=True)
+    got = dpm_solver_pp_3m(model, sched, jt.array(x), ts).numpy()
+    np.testing.assert_allclose(got, _dpmpp_3m_np(x, ts), rtol=1e-4, atol=1e-4)
+    for order in (1, 2, 3):
+        got = unipc(model, sched, jt.array(x), ts, order=order).numpy()
+        np.testing.assert_allclose(got, _unipc_np(x, ts, order), rtol=1e-4, atol=1e-4)
+    # 3M's first two steps are DDIM and DPM-Solver++(2M)
+    np.testing.assert_allclose(dpm_solver_pp_3m(model, sched, jt.array(x), ts[:3]).numpy(),
+                               _dpmpp_2m_sigma_form(x, ts[:3]), rtol=1e-4, atol=1e-4)
+
+
 def test_constant_x0_is_recovered_exactly(jt, sched):
     """If the network's x_0 prediction is a fixed tensor c at every (x_t, t), DDIM (eta 0) and
     DPM-Solver++ end exactly at c from any start."""
@@ -179,7 +280,10 @@ def test_constant_x0_is_recovered_exactly(jt, sched):
     x = jt.array(_rand(6))
     for result in (ddim_sample(model_fn, sched, x, list(range(980, -1, -20))),
                    dpm_solver_pp_2m(model_fn, sched, x, solver_timesteps(sched, 999, 15)),
-                   dpm_solver_pp_2m(model_fn, sched, x, solver_timesteps(sched, 999, 12, "logSNR"))):
+                   dpm_solver_pp_2m(model_fn, sched, x, solver_timesteps(sched, 999, 12, "logSNR")),
+                   dpm_solver_pp_3m(model_fn, sched, x, solver_timesteps(sched, 999, 12, "logSNR")),
+                   unipc(model_fn, sched, x, solver_timesteps(sched, 999, 12, "trailing")),
+                   unipc(model_fn, sched, x, solver_timesteps(sched, 999, 7, "logSNR"), order=3)):
         np.testing.assert_allclose(result.numpy(), c, atol=1e-4)
 
 
@@ -244,3 +348,9 @@ def test_sampler_input_errors(jt, sched):
         ddpm_sample(dummy_model(), sched, x, [20])
     with pytest.raises(ValueError, match=r"\[0, 1000\)"):
         ddim_sample(dummy_model(), sched, x, [1000, 0])
+    with pytest.raises(ValueError, match="training schedule"):
+        dpm_solver_pp_3m(dummy_model(), spaced, x, [40, 20, 0])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        unipc(dummy_model(), sched, x, [20, 20])
+    with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
+        unipc(dummy_model(), sched, x, [20, 0], order=4)
