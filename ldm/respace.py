@@ -154,24 +154,28 @@ def spaced_stage(respacing: str, start_index: int, num_timesteps: int = 1000) ->
     return Stage(start_level=use[start_index], timesteps=tuple(use[:start_index + 1][::-1]))
 
 
-def solver_timesteps(schedule: Schedule, start_level: int, num_steps: int,
-                     spacing: str = "time_uniform") -> tuple[int, ...]:
+def solver_timesteps(schedule: Schedule, start_level: int, num_steps: int, spacing: str = "logSNR",
+                     end_level: int = 0) -> tuple[int, ...]:
     """``num_steps`` strictly decreasing training timesteps from ``start_level`` for a few-step solver.
 
     The sampler's last step goes from the last of them to clean data (the x0 prediction there), so
-    a grid that stops short of t = 0 still ends at clean data.
+    a grid that stops short of t = 0 still ends at clean data. ``end_level`` is where the grid
+    stops (the last visited timestep; "trailing" stops one step above it): the x0 prediction at a
+    small ``end_level`` > 0 is already close to the ODE's end point, and the steps the solver saves
+    on the short range below it go to finer steps above.
 
-    ``"time_uniform"``: round(linspace(start_level, 0, num_steps)), down to t = 0. Its last step
-    is short in t but long in lambda = log(alpha/sigma) (lambda rises fastest near t = 0), so a
-    multistep solver extrapolates its last step far: accurate only with many steps.
-    ``"logSNR"``: uniform in lambda = 0.5 log(abar / (1 - abar)) between lambda(start_level) and
-    lambda(0), each point mapped to the nearest timestep by linear interpolation of lambda over
-    the integer timesteps; an error if rounding merges two points (lambda changes fastest near
-    t = 0, where timesteps are coarse). Equal steps in lambda suit the exponential integrators
-    (DPM-Solver++, UniPC), whose error depends on the steps and step ratios in lambda.
-    ``"trailing"``: round(linspace(start_level, 0, num_steps + 1)) without its final 0: uniform
-    in t and stopping at start_level / num_steps, whose x0 prediction is the result (diffusers'
-    "trailing" spacing, counted from the start level).
+    ``"logSNR"`` (the default): uniform in lambda = 0.5 log(abar / (1 - abar)) between
+    lambda(start_level) and lambda(end_level), each point mapped to the nearest timestep by linear
+    interpolation of lambda over the integer timesteps; an error if rounding merges two points
+    (lambda changes fastest near t = 0, where timesteps are coarse). Equal steps in lambda suit
+    the exponential integrators (DPM-Solver++, UniPC), whose error depends on the steps and step
+    ratios in lambda.
+    ``"time_uniform"``: round(linspace(start_level, end_level, num_steps)). Down to t = 0 its last
+    step is short in t but long in lambda (lambda rises fastest near t = 0), so a multistep solver
+    extrapolates its last step far: accurate only with many steps.
+    ``"trailing"``: round(linspace(start_level, end_level, num_steps + 1)) without its final point:
+    uniform in t and stopping (to t = 0) at start_level / num_steps, whose x0 prediction is the
+    result (diffusers' "trailing" spacing, counted from the start level).
     """
     if schedule.is_respaced:
         raise ValueError("solver_timesteps() needs the training schedule, not a respaced one")
@@ -179,31 +183,34 @@ def solver_timesteps(schedule: Schedule, start_level: int, num_steps: int,
         raise ValueError(f"start_level must be in [0, {schedule.num_timesteps}), got {start_level}")
     if spacing not in SOLVER_SPACINGS:
         raise ValueError(f"unknown solver spacing {spacing!r}; expected one of {SOLVER_SPACINGS}")
-    most = start_level if spacing == "trailing" else start_level + 1
+    if not 0 <= end_level <= start_level:
+        raise ValueError(f"end_level must be in [0, start_level = {start_level}], got {end_level}")
+    span = start_level - end_level
+    most = span if spacing == "trailing" else span + 1
     if not 1 <= num_steps <= most:
-        raise ValueError(f"num_steps must be in 1..{most} for start level {start_level} and "
-                         f"spacing {spacing!r}, got {num_steps}")
+        raise ValueError(f"num_steps must be in 1..{most} for start level {start_level}, end level "
+                         f"{end_level} and spacing {spacing!r}, got {num_steps}")
     if num_steps == 1:
         return (int(start_level),)
     if spacing == "time_uniform":
-        points = np.linspace(start_level, 0.0, num_steps)
+        points = np.linspace(start_level, end_level, num_steps)
     elif spacing == "trailing":
-        points = np.linspace(start_level, 0.0, num_steps + 1)[:-1]
+        points = np.linspace(start_level, end_level, num_steps + 1)[:-1]
     else:
         lam = 0.5 * (np.log(schedule.alphas_cumprod) - np.log1p(-schedule.alphas_cumprod))
-        targets = np.linspace(lam[start_level], lam[0], num_steps)
+        targets = np.linspace(lam[start_level], lam[end_level], num_steps)
         # lambda decreases with t; np.interp needs increasing abscissae.
         points = np.interp(targets, lam[::-1], np.arange(schedule.num_timesteps)[::-1].astype(float))
     ts = [int(v) for v in np.round(points)]
     if any(a <= b for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"{num_steps} {spacing} steps from level {start_level} round to repeated "
-                         f"timesteps ({ts}); use fewer steps or 'time_uniform'")
+        raise ValueError(f"{num_steps} {spacing} steps from level {start_level} to {end_level} round "
+                         f"to repeated timesteps ({ts}); use fewer steps or 'time_uniform'")
     return tuple(ts)
 
 
-def solver_stage(schedule: Schedule, start_level: int, num_steps: int,
-                 spacing: str = "time_uniform") -> Stage:
+def solver_stage(schedule: Schedule, start_level: int, num_steps: int, spacing: str = "logSNR",
+                 end_level: int = 0) -> Stage:
     """A stage for a few-step solver: noise to ``start_level`` and visit ``num_steps`` timesteps
-    from ``start_level`` on (``solver_timesteps``)."""
+    from ``start_level`` down to ``end_level`` (``solver_timesteps``)."""
     return Stage(start_level=start_level,
-                 timesteps=solver_timesteps(schedule, start_level, num_steps, spacing))
+                 timesteps=solver_timesteps(schedule, start_level, num_steps, spacing, end_level))

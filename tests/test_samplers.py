@@ -157,7 +157,7 @@ def _dpmpp_2m_sigma_form(x_vp, ts):
 
 
 def test_dpm_solver_pp_2m_matches_k_diffusion_form(jt, sched):
-    ts = list(solver_timesteps(sched, 999, 8))
+    ts = list(solver_timesteps(sched, 999, 8, "time_uniform"))
     x = _rand(2)
     got = dpm_solver_pp_2m(dummy_model(learned_variance=True), sched, jt.array(x), ts).numpy()
     np.testing.assert_allclose(got, _dpmpp_2m_sigma_form(x, ts), rtol=1e-4, atol=1e-4)
@@ -279,7 +279,7 @@ def test_constant_x0_is_recovered_exactly(jt, sched):
 
     x = jt.array(_rand(6))
     for result in (ddim_sample(model_fn, sched, x, list(range(980, -1, -20))),
-                   dpm_solver_pp_2m(model_fn, sched, x, solver_timesteps(sched, 999, 15)),
+                   dpm_solver_pp_2m(model_fn, sched, x, solver_timesteps(sched, 999, 15, "time_uniform")),
                    dpm_solver_pp_2m(model_fn, sched, x, solver_timesteps(sched, 999, 12, "logSNR")),
                    dpm_solver_pp_3m(model_fn, sched, x, solver_timesteps(sched, 999, 12, "logSNR")),
                    unipc(model_fn, sched, x, solver_timesteps(sched, 999, 12, "trailing")),

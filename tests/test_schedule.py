@@ -11,6 +11,8 @@ from ldm.respace import (Stage, iidm_stage, respace, solver_stage, solver_timest
                          space_timesteps, spaced_stage)
 from ldm.schedule import Schedule, ScheduleConfig, cosine_betas, linear_betas, make_schedule
 
+ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))  # the linear schedule, from its definition
+
 
 @pytest.fixture(scope="module")
 def linear():
@@ -154,23 +156,52 @@ def test_stage_validation():
         Stage(600, ())
 
 
-def test_solver_timesteps(linear):
-    ts = solver_timesteps(linear, 600, 20)
-    assert ts == tuple(int(v) for v in np.round(np.linspace(600, 0, 20)))
-    assert ts[0] == 600 and ts[-1] == 0 and len(ts) == 20
-    assert solver_timesteps(linear, 999, 1000) == tuple(range(999, -1, -1))
-    ls = solver_timesteps(linear, 999, 25, "logSNR")
-    assert ls[0] == 999 and ls[-1] == 0 and len(ls) == 25
+def _lambda_target_between_neighbours(linear, ts, targets):
+    """Each timestep is within one timestep of its exact lambda target (rounding to integers)."""
     lam = 0.5 * np.log(linear.alphas_cumprod / (1 - linear.alphas_cumprod))
-    # Uniform in lambda up to the rounding to integer timesteps: each point is within one
-    # timestep of the exact lambda target.
-    targets = np.linspace(lam[999], lam[0], 25)
-    for t, target in zip(ls, targets):
+    for t, target in zip(ts, targets):
         lo, hi = max(t - 1, 0), min(t + 1, 999)
         assert lam[hi] - 1e-12 <= target <= lam[lo] + 1e-12
+
+
+def test_solver_timesteps(linear):
+    ts = solver_timesteps(linear, 600, 20, "time_uniform")
+    assert ts == tuple(int(v) for v in np.round(np.linspace(600, 0, 20)))
+    assert ts[0] == 600 and ts[-1] == 0 and len(ts) == 20
+    assert solver_timesteps(linear, 999, 1000, "time_uniform") == tuple(range(999, -1, -1))
+    # the default is uniform in lambda = 0.5 log(abar / (1 - abar)) down to t = 0
+    ls = solver_timesteps(linear, 999, 25)
+    assert ls == solver_timesteps(linear, 999, 25, "logSNR", 0)
+    assert ls[0] == 999 and ls[-1] == 0 and len(ls) == 25
+    lam = 0.5 * np.log(ABAR / (1 - ABAR))
+    _lambda_target_between_neighbours(linear, ls, np.linspace(lam[999], lam[0], 25))
+    assert solver_timesteps(linear, 400, 3, "trailing") == (400, 267, 133)
     with pytest.raises(ValueError, match="repeated"):
         solver_timesteps(linear, 999, 400, "logSNR")
     with pytest.raises(ValueError, match="num_steps"):
         solver_timesteps(linear, 10, 12)
+    with pytest.raises(ValueError, match="unknown solver spacing"):
+        solver_timesteps(linear, 10, 5, "karras")
     stage = solver_stage(linear, 400, 10)
     assert stage.start_level == 400 and stage.timesteps[0] == 400 and stage.timesteps[-1] == 0
+    assert stage.timesteps == solver_timesteps(linear, 400, 10, "logSNR")
+
+
+def test_solver_timesteps_end_level(linear):
+    """A grid that stops at ``end_level``: its last visited timestep (trailing: one step above it),
+    the same rule between the start and that end."""
+    lam = 0.5 * np.log(ABAR / (1 - ABAR))
+    ls = solver_timesteps(linear, 600, 12, "logSNR", end_level=4)
+    assert ls[0] == 600 and ls[-1] == 4 and len(ls) == 12
+    _lambda_target_between_neighbours(linear, ls, np.linspace(lam[600], lam[4], 12))
+    assert solver_timesteps(linear, 400, 5, "time_uniform", end_level=8) == (400, 302, 204, 106, 8)
+    assert solver_timesteps(linear, 400, 4, "trailing", end_level=8) == (400, 302, 204, 106)
+    assert solver_timesteps(linear, 10, 7, "time_uniform", end_level=4) == (10, 9, 8, 7, 6, 5, 4)
+    with pytest.raises(ValueError, match="num_steps"):
+        solver_timesteps(linear, 10, 8, "time_uniform", end_level=4)
+    with pytest.raises(ValueError, match="end_level"):
+        solver_timesteps(linear, 10, 3, end_level=11)
+    with pytest.raises(ValueError, match="end_level"):
+        solver_timesteps(linear, 10, 3, end_level=-1)
+    stage = solver_stage(linear, 640, 12, end_level=4)
+    assert stage.start_level == 640 and stage.timesteps == solver_timesteps(linear, 640, 12, "logSNR", 4)
