@@ -5,9 +5,9 @@ of two narrow Gaussians), so each sampler and grid is measured against the true 
 Checked here: the oracle itself (its eps is the score of its own noised density; its RK4 agrees
 with the closed form and with itself at twice the steps); the convergence order of every sampler
 (DDIM 1, DPM-Solver++(2M) 2, DPM-Solver++(3M) and UniPC-2 3); the grid that the old ``fast``
-preset used against logSNR and trailing grids; and each solver preset's rounds against the error
-of the official IIDM rounds on the same points. The samplers run on float64 Jittor tensors of
-shape [4, 1, 16, 16].
+preset used against logSNR and trailing grids; where the presets' logSNR grids stop; and each
+solver preset's rounds against the error of the official IIDM rounds on the same points. The
+samplers run on float64 Jittor tensors of shape [4, 1, 16, 16].
 """
 
 import math
@@ -133,19 +133,32 @@ def test_official_rounds(official):
         assert 0.006 < errors[0] < 0.012 and 0.006 < errors[1] < 0.012 and 0.05 < errors[2] < 0.09
 
 
+def test_grid_end(jt, sched, official):
+    """DPM-Solver++(3M) over 12 logSNR steps from t = 600 and 640 on the mixture: down to t = 0 its
+    error is 1.09 and 1.14 times the official round's; stopping at t = 4 (steps 15% shorter in
+    lambda) and taking the x0 prediction there, 0.65 and 0.78 times. The jump from t = 4 alone
+    (the exact flow to t = 4, then its x0 prediction) is 0.56 times it."""
+    for index, level in enumerate((600, 640)):
+        target = official["mixture"][index]
+        to_zero = round_error(MIXTURE, sched, dpm_solver_pp_3m, level, solver_timesteps(sched, level, 12))
+        to_four = round_error(MIXTURE, sched, dpm_solver_pp_3m, level, solver_timesteps(sched, level, 12, end_level=4))
+        assert to_zero > 1.05 * target and to_four < 0.8 * target, (level, to_zero, to_four, target)
+    x = MIXTURE.noised(ABAR[600], (4, 1, 16, 16), seed=0)
+    jump = MIXTURE.x0_prediction(MIXTURE.flow(x, ABAR[600], ABAR[4]), ABAR[4]) - MIXTURE.flow(x, ABAR[600])
+    assert 0.5 * official["mixture"][0] < np.abs(jump).max() < 0.6 * official["mixture"][0]
+
+
 def test_fast_preset_against_the_official_rounds(jt, sched, official):
-    """At 60 U-Net passes (1/21 of the official 1280): every round within the official round's
-    error on the Gaussian; on the two-mode mixture rounds 0 and 1 within 1.2 times it (13 and 15
-    steps would match it) and round 2 within it."""
-    gaussian = rounds_errors(fast_rounds(sched), GAUSSIAN, sched)
-    mixture = rounds_errors(fast_rounds(sched), MIXTURE, sched)
-    assert all(e <= t for e, t in zip(gaussian, official["gaussian"])), (gaussian, official)
-    assert all(e <= 1.2 * t for e, t in zip(mixture[:2], official["mixture"][:2])), (mixture, official)
-    assert mixture[2] <= official["mixture"][2], (mixture, official)
+    """At 60 U-Net passes (1/21 of the official 1280), every round's error is within the official
+    round's on both data sets (measured: 0.03 / 0.21 / 0.69 of it on the Gaussian, 0.65 / 0.78 /
+    0.51 on the mixture)."""
+    for name, data in (("gaussian", GAUSSIAN), ("mixture", MIXTURE)):
+        errors = rounds_errors(fast_rounds(sched), data, sched)
+        assert all(e <= t for e, t in zip(errors, official[name])), (name, errors, official[name])
 
 
 def test_fastest_preset_error(jt, sched):
     """At 30 U-Net passes: the errors stated in ``fastest_rounds`` (docs/benchmarks.md)."""
     gaussian = rounds_errors(fastest_rounds(sched), GAUSSIAN, sched)
     mixture = rounds_errors(fastest_rounds(sched), MIXTURE, sched)
-    assert max(gaussian) < 0.04 and max(mixture) < 0.13, (gaussian, mixture)
+    assert max(gaussian) < 0.05 and max(mixture) < 0.095, (gaussian, mixture)

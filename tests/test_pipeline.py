@@ -59,8 +59,8 @@ def test_solver_presets(sched, name, samplers, steps, passes):
                                                              ("previous", True)]
     for rnd in rounds:
         ts = rnd.stage.timesteps
-        # from the level it noised to down to t = 0, evenly in lambda up to rounding to timesteps
-        assert ts[0] == rnd.stage.start_level and ts[-1] == 0
+        # from the level it noised to down to t = 4, evenly in lambda up to rounding to timesteps
+        assert ts[0] == rnd.stage.start_level and ts[-1] == 4
         lam = _lambda(np.array(ts))
         targets = np.linspace(lam[0], lam[-1], len(ts))
         for t, target in zip(ts, targets):
