@@ -1,6 +1,7 @@
 """Sampler cost and accuracy: U-Net passes per image of every pipeline preset against its error on
-the analytic oracle (bench/oracle.py), the measurements the solver presets were chosen from, and
-the wall time per step of each sampler around a tiny stand-in network.
+the analytic oracle (bench/oracle.py), the measurements the solver presets were chosen from (with
+ldm.samplers; the variants it does not carry: bench/solver_variants.py), and the wall time per
+step of each sampler around a tiny stand-in network.
 
     python -m bench.bench_samplers [--selection] [--skip-accuracy] [--skip-timing]
                                    [--batch 2] [--height 96] [--width 128] [--steps 20] [--cpu]
@@ -53,10 +54,28 @@ def preset_accuracy(schedule, seed: int = 0) -> dict[str, dict[str, list[float]]
             for name in pipeline.PRESETS}
 
 
-def selection_table(schedule, official: dict[str, list[float]], steps=range(4, 17),
+def end_table(schedule, official: dict[str, list[float]], ends=(0, 1, 2, 3, 4, 5, 6, 8, 10),
+              seed: int = 0) -> dict[int, list[float]]:
+    """{end level: [largest error / official round's error over the data sets, per round]} of the
+    ``fast`` preset's solvers and steps on logSNR grids that stop at each end level."""
+    import dataclasses
+
+    from bench.oracle import DATA, rounds_errors
+    from ldm.pipeline import SOLVER_PRESETS, solver_rounds
+
+    table = {}
+    for end in ends:
+        rounds = solver_rounds(schedule, dataclasses.replace(SOLVER_PRESETS["fast"], end_level=end))
+        errors = {name: rounds_errors(rounds, data, schedule, seed) for name, data in DATA.items()}
+        table[end] = [max(errors[name][i] / official[name][i] for name in DATA) for i in range(len(rounds))]
+    return table
+
+
+def selection_table(schedule, official: dict[str, list[float]], steps=range(4, 17), end_level: int = 4,
                     seed: int = 0) -> dict[tuple[int, str, int], float]:
     """{(round, sampler, steps): largest error / official round's error over the data sets}, each
-    solver on logSNR grids from the round's level: the table the solver presets were read from."""
+    solver on logSNR grids from the round's level to ``end_level``: the table the solver presets
+    were read from."""
     from bench.oracle import DATA, round_error
     from ldm.pipeline import IIDM_LEVELS_SCALES
     from ldm.respace import solver_timesteps
@@ -66,7 +85,7 @@ def selection_table(schedule, official: dict[str, list[float]], steps=range(4, 1
     for index, (level, _) in enumerate(IIDM_LEVELS_SCALES):
         for sampler in SOLVERS:
             for n in steps:
-                ts = solver_timesteps(schedule, level, n, "logSNR")
+                ts = solver_timesteps(schedule, level, n, "logSNR", end_level)
                 table[index, sampler, n] = max(
                     round_error(data, schedule, SAMPLERS[sampler], level, ts, seed) / official[name][index]
                     for name, data in DATA.items())
@@ -210,14 +229,21 @@ def print_accuracy(selection: bool) -> None:
         print(f"  {name:17s} " + "  ".join(f"{e:.2e}" for e in errors)
               + "   orders " + "  ".join(f"{o:.2f}" for o in orders))
 
+    print("\nThe fast preset's solvers and steps on logSNR grids stopping at t = end (largest error / "
+          "official round's error over both data sets):")
+    for end, ratios in end_table(schedule, official).items():
+        print(f"  end {end:2d}  " + "  ".join(f"{r:.2f}" for r in ratios))
+
     if selection:
-        print("\nLargest error / official round's error over both data sets, logSNR grids, steps 4..16:")
-        table = selection_table(schedule, official)
-        for index in range(3):
-            print(f"  round {index}")
-            for sampler in SOLVERS:
-                print(f"    {sampler:17s} " + " ".join(f"{table[index, sampler, n]:6.2f}"
-                                                     for n in range(4, 17)))
+        for end in (0, 4):
+            print(f"\nLargest error / official round's error over both data sets, logSNR grids to t = {end}, "
+                  "steps 4..16:")
+            table = selection_table(schedule, official, end_level=end)
+            for index in range(3):
+                print(f"  round {index}")
+                for sampler in SOLVERS:
+                    print(f"    {sampler:17s} " + " ".join(f"{table[index, sampler, n]:6.2f}"
+                                                         for n in range(4, 17)))
 
 
 def main(argv=None) -> int:

@@ -151,8 +151,8 @@ def round_error(data: GaussianMixture, schedule, sampler, start_level: int, time
     import jittor_env  # noqa: F401
     import jittor as jt
 
-    x, exact = _points_and_solution(data, float(schedule.alphas_cumprod[start_level]), tuple(shape),
-                                    seed, start)
+    x, exact = points_and_solution(data, float(schedule.alphas_cumprod[start_level]), tuple(shape),
+                                   seed, start)
     got = sampler(jittor_model_fn(data, schedule), schedule, jt.array(x, dtype="float64"),
                   list(timesteps), **options).numpy()
     return float(np.abs(got - exact).max())
@@ -161,8 +161,8 @@ def round_error(data: GaussianMixture, schedule, sampler, start_level: int, time
 _SOLUTIONS: dict = {}
 
 
-def _points_and_solution(data: GaussianMixture, alpha_bar: float, shape: tuple, seed: int,
-                         start: str) -> tuple[np.ndarray, np.ndarray]:
+def points_and_solution(data: GaussianMixture, alpha_bar: float, shape: tuple, seed: int,
+                        start: str) -> tuple[np.ndarray, np.ndarray]:
     """A round's starting points and their exact solution, kept: every sampler measured on a round
     starts from the same points, and the mixture's RK4 solution is the costly part."""
     key = (id(data), alpha_bar, shape, seed, start)
