@@ -3,11 +3,12 @@
     python -m bench.ablation --ckpt unet.safetensors --vq vq.safetensors \
         --input_path data/synthetic/test/labels --img_path data/synthetic/train --output_path outputs/ablation \
         [--average a.safetensors --average b.safetensors] [--segmenter seg.safetensors] \
-        [--ground_truth data/synthetic/test/imgs] [--steps 20] [--limit 16] [--with_iidm]
+        [--ground_truth data/synthetic/test/imgs] [--steps 12] [--limit 16] [--with_iidm]
 
 Rows, each adding one of the paper's steps to the row before:
 
-    pure-noise         one round from N(0, I) at T - 1 (SDM's sampling), guidance 3.5
+    pure-noise         one round from N(0, I) at T - 1 (SDM's sampling, here with the few-step
+                       solver), guidance 3.5
     img2img            one round from the encoded reference noised to t = 600, guidance 3.5
     + refinement       two more rounds from the previous output at t = 640 and t = 400, guidance 3.7
     + colour transfer  the previous output is colour-transferred toward the reference before each
@@ -15,12 +16,15 @@ Rows, each adding one of the paper's steps to the row before:
     + averaged ckpts   the same with the --ckpt and --average checkpoints averaged (when given)
     iidm (DDIM)        the official recipe itself, 1280 U-Net passes (with --with_iidm)
 
-All rows but the last run DPM-Solver++(2M) with --steps steps per round, so they differ only in
-what the paper ablates. Every image keeps its own seed across rows. Outputs are written under
-OUT/ROW/ and kept (a rerun skips what exists), the table is printed in Markdown and written to
-OUT/ablation.json. With --ground_truth (the synthetic generator writes each test mask rendered in
-its reference's style to test/imgs), the mean absolute pixel difference to it and the PSNR are
-reported too, and a first row scores the ground truth itself, as the best a model can do.
+All rows but the last run the `fast` preset's rounds (ldm.pipeline.fast_rounds: DPM-Solver++(3M),
+3M and UniPC-2 over 12, 12 and 6 logSNR steps down to t = 4; --steps sets one step count for
+every round), and the pure-noise round runs round 0's solver, steps and grid from T - 1, so the
+rows differ only in what the paper ablates. Every image keeps its own seed across rows. Outputs
+are written under OUT/ROW/ and kept (a rerun skips what exists), the table is printed in Markdown
+and written to OUT/ablation.json. With --ground_truth (the synthetic generator writes each test
+mask rendered in its reference's style to test/imgs), the mean absolute pixel difference to it,
+the PSNR and the SSIM (scikit-image's structural_similarity over the RGB channels, data range
+255) are reported too, and a first row scores the ground truth itself, as the best a model can do.
 """
 
 from __future__ import annotations
@@ -37,14 +41,18 @@ import cli
 import jittor_env
 
 
-def row_rounds(schedule, steps: int) -> dict:
-    """Round lists of the ablation rows, keyed by row name."""
+def row_rounds(schedule, steps: int | None = None) -> dict:
+    """Round lists of the ablation rows, keyed by row name: the ``fast`` preset's rounds (``steps``
+    per round, None: the preset's own), and for the pure-noise row its round 0 (solver, steps,
+    grid spacing and end) started from noise at T - 1."""
     from ldm import pipeline
     from ldm.respace import solver_stage
 
     fast = pipeline.fast_rounds(schedule, steps)
-    noise = pipeline.Round(solver_stage(schedule, schedule.num_timesteps - 1, steps), "dpm_solver_pp_2m",
-                           fast[0].guidance_scale, start="noise")
+    first = fast[0]
+    stage = solver_stage(schedule, schedule.num_timesteps - 1, first.stage.num_steps,
+                         pipeline.SOLVER_PRESETS["fast"].spacing, end_level=first.stage.timesteps[-1])
+    noise = pipeline.Round(stage, first.sampler, first.guidance_scale, start="noise")
     plain_refinement = (fast[0],) + tuple(dataclasses.replace(r, color_transfer=False) for r in fast[1:])
     return {"pure-noise": (noise,), "img2img": fast[:1], "+ refinement": plain_refinement,
             "+ colour transfer": fast}
@@ -54,24 +62,29 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").replace("__", "_")
 
 
-def pixel_errors(results: Path, ground_truth: Path, names: list[str]) -> tuple[float, float | None]:
-    """Mean absolute difference (0-255) and mean PSNR (dB, over images that differ at all; None
-    when none does) of results against ground truth."""
+def pixel_errors(results: Path, ground_truth: Path, names: list[str]) -> tuple[float, float | None, float]:
+    """Mean absolute difference (0-255), mean PSNR (dB, over images that differ at all; None when
+    none does) and mean SSIM (scikit-image's structural_similarity with its default 7x7 uniform
+    window, over the RGB channels, data range 255) of results against ground truth."""
+    from skimage.metrics import structural_similarity
+
     from datasets import load_image
     from datasets.transforms import resize_image
 
-    mae, psnr = [], []
+    mae, psnr, ssim = [], [], []
     for name in names:
         ours = load_image(results / f"{name}.jpg").astype(np.float64)
         truth = load_image(ground_truth / f"{name}.jpg")
         if truth.shape != ours.shape:
             truth = resize_image(truth, *ours.shape[:2])
-        diff = ours - truth.astype(np.float64)
+        truth = truth.astype(np.float64)
+        diff = ours - truth
         mae.append(np.abs(diff).mean())
         mse = (diff ** 2).mean()
         psnr.append(10 * np.log10(255.0 ** 2 / mse) if mse > 0 else None)
+        ssim.append(structural_similarity(ours, truth, channel_axis=-1, data_range=255))
     finite = [p for p in psnr if p is not None]
-    return float(np.mean(mae)), (float(np.mean(finite)) if finite else None)
+    return float(np.mean(mae)), (float(np.mean(finite)) if finite else None), float(np.mean(ssim))
 
 
 def main(argv=None) -> int:
@@ -85,7 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output_path", type=Path, required=True, help="folder for the rows' outputs and ablation.json")
     parser.add_argument("--segmenter", type=Path, help="segmenter checkpoint for the mask accuracy M")
     parser.add_argument("--ground_truth", type=Path, help="folder of NAME.jpg ground truths (synthetic test/imgs)")
-    parser.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps per round (default 20)")
+    parser.add_argument("--steps", type=int,
+                        help="solver steps for every round (default: the fast preset's 12, 12 and 6)")
     parser.add_argument("--limit", type=int, help="use the first N masks only")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -131,7 +145,7 @@ def main(argv=None) -> int:
                "S": summary["metrics"]["S"], "S_corrected": summary["style_similarity"]["corrected"]["S"],
                "M": summary["metrics"]["M"]}
         if args.ground_truth:
-            row["MAE"], row["PSNR"] = pixel_errors(folder, args.ground_truth, names)
+            row["MAE"], row["PSNR"], row["SSIM"] = pixel_errors(folder, args.ground_truth, names)
         table.append(row)
         print(json.dumps(row), flush=True)
 
@@ -150,14 +164,15 @@ def main(argv=None) -> int:
         seconds = (time.perf_counter() - started) / len(todo) if todo else None
         score(name, folder, pipeline.unet_passes(rounds), seconds)
 
-    (args.output_path / "ablation.json").write_text(json.dumps({"rows": table, "steps": args.steps, "masks": names,
+    (args.output_path / "ablation.json").write_text(json.dumps({"rows": table, "steps": [r.stage.num_steps for r in rows["+ colour transfer"]], "masks": names,
                                                         "ckpt": str(args.ckpt), "average": [str(p) for p in args.average]},
                                                        indent=2) + "\n")
-    columns = ["row", "unet_passes", "S", "S_corrected", "M"] + (["MAE", "PSNR"] if args.ground_truth else [])
+    columns = ["row", "unet_passes", "S", "S_corrected", "M"] + (["MAE", "PSNR", "SSIM"] if args.ground_truth else [])
     print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in table:
-        cells = [row["row"]] + ["-" if row.get(c) is None else (f"{row[c]:.2f}" if isinstance(row[c], float)
-                                                                 else str(row[c])) for c in columns[1:]]
+        cells = [row["row"]] + ["-" if row.get(c) is None else (f"{row[c]:.{3 if c == 'SSIM' else 2}f}"
+                                                                 if isinstance(row[c], float) else str(row[c]))
+                                for c in columns[1:]]
         print("| " + " | ".join(cells) + " |")
     return 0
 
