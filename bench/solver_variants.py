@@ -273,12 +273,45 @@ def seed_table(end_levels=(0, 4), seeds=range(5)) -> dict:
             for end in end_levels for seed in seeds}
 
 
+def end_parts(end_levels=(0, 4)) -> dict:
+    """{(data set, end, round): (error, solver part, jump part)} of 3M over 12 logSNR steps in
+    rounds 0 and 1: the largest |result - exact solution|, the largest |result - x0 prediction of
+    the exact state at the grid's end| (the solver's own error) and the largest |that x0
+    prediction - exact solution| (the final jump's)."""
+    abar = linear_abar()
+    parts = {}
+    for name, data in DATA.items():
+        for end in end_levels:
+            for index in (0, 1):
+                level = LEVELS[index]
+                x, exact = points_and_solution(data, float(abar[level]), tuple(SHAPE), 0, "data")
+                got = integrate(data, abar, x, grid(abar, "logSNR", level, 12, end), order=3)
+                jumped = data.x0_prediction(data.flow(x, abar[level], abar[end]), abar[end])
+                parts[name, end, index] = tuple(float(np.abs(a - b).max())
+                                                for a, b in ((got, exact), (got, jumped), (jumped, exact)))
+    return parts
+
+
 def exact_start_table(end_level: int = 4, exact_steps=range(0, 11)) -> dict:
     """{round: [ratio with the first k steps exact, for each k]} of 3M over 12 logSNR steps."""
     abar = linear_abar()
     return {index: [ratio(abar, index, grid(abar, "logSNR", LEVELS[index], 12, end_level), order=3, exact_steps=k)
                      for k in exact_steps]
             for index in (0, 1)}
+
+
+def order_table(steps=(20, 40, 80), start: int = 999, end: int = 199) -> dict:
+    """{variant: [error at each step count]} on the mixture over time-uniform grids from ``start``
+    to ``end``, against the x0 prediction at ``end`` of the exact ODE solution (the grids of
+    bench_samplers.order_errors)."""
+    from bench.oracle import MIXTURE
+
+    abar = linear_abar()
+    x = MIXTURE.noised(abar[start], SHAPE, seed=1)
+    reference = MIXTURE.x0_prediction(MIXTURE.flow(x, abar[start], abar[end], rk4_steps=1000), abar[end])
+    return {name: [float(np.abs(integrate(MIXTURE, abar, x, [int(v) for v in np.linspace(start, end, n + 1)],
+                                          **options) - reference).max()) for n in steps]
+            for name, (options, _) in VARIANTS.items()}
 
 
 def other_data_table(end_levels=(0, 4)) -> dict:
@@ -297,6 +330,9 @@ def main(argv=None) -> int:
             print(f"  round {index} (t = {LEVELS[index]})  " + "".join(f"{n:7d}" for n in range(*counts)))
             for name in VARIANTS:
                 print(f"    {name:34s}" + "".join(f"{v:7.2f}" for v in table[index, name]))
+    print("\n3M over 12 logSNR steps in rounds 0 and 1: error, solver part, jump part (end_parts):")
+    for (name, end, index), values in end_parts().items():
+        print(f"  {name:8s} to t = {end} round {index}  " + "  ".join(f"{v:.4f}" for v in values))
     print("\n3M over 12 logSNR steps to t = 4 with its first k = 0..10 steps following the exact flow:")
     for index, values in exact_start_table().items():
         print(f"  round {index}   " + "".join(f"{v:6.2f}" for v in values))
@@ -307,6 +343,11 @@ def main(argv=None) -> int:
     print("\nThe fast preset's solvers and steps on other sets of points (seeds):")
     for (end, seed), values in seed_table().items():
         print(f"  to t = {end}, seed {seed}   " + "".join(f"{v:7.2f}" for v in values))
+    print("\nConvergence on the mixture, time-uniform grids 999 -> 199 (20, 40, 80 steps):")
+    for name, errors in order_table().items():
+        orders = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+        print(f"  {name:34s}" + "  ".join(f"{e:.2e}" for e in errors) + "   orders "
+              + "  ".join(f"{o:.2f}" for o in orders))
     print("\nThe fast preset's solvers and steps on other data (ratio to the official round on it):")
     for (name, end), values in other_data_table().items():
         print(f"  {name:18s} to t = {end}" + "".join(f"{v:7.2f}" for v in values))
