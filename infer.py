@@ -147,87 +147,78 @@ def writable(folder: Path) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
-    quick = args.mask is not None or args.ref is not None
-    demo = not quick and args.input_path is None
-    args.preset = args.preset or ("fast" if demo else "iidm")
-    check_options(parser, args)
-    quality = args.quality or QUALITY.get(args.preset, DEFAULT_QUALITY)
+class Stop(Exception):
+    """Nothing (more) can be done: the message and the exit status."""
 
+    def __init__(self, message: str, status: int = FAILED):
+        super().__init__(message)
+        self.status = status
+
+
+def model_files(args) -> tuple[list[Path], Path]:
+    """The U-Net checkpoints and the autoencoder: the options', else the shipped demo model."""
     checkpoints = list(args.ckpt)
     if not checkpoints:
         if not (DEMO_CHECKPOINT.is_file() and DEMO_VQ.is_file()):
-            print(no_model_message(DEMO_CHECKPOINT, DEMO_VQ), file=sys.stderr)
-            return NO_MODEL
+            raise Stop(no_model_message(DEMO_CHECKPOINT, DEMO_VQ), NO_MODEL)
         checkpoints, args.vq = [DEMO_CHECKPOINT], args.vq or DEMO_VQ
     vq_path = args.vq or checkpoints[0].parent / "vq.safetensors"
     missing = [str(p) for p in [*checkpoints, vq_path] if not Path(p).is_file()]
     if missing:
         hint = "" if args.vq else " (give the autoencoder with --vq)"
-        print(f"infer.py: checkpoint not found: {', '.join(missing)}{hint}", file=sys.stderr)
-        return FAILED
+        raise Stop(f"infer.py: checkpoint not found: {', '.join(missing)}{hint}")
+    return checkpoints, vq_path
 
-    jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
-    rank, world_size = (jt.rank, jt.world_size) if jt.in_mpi else (0, 1)
+
+def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int):
+    """(this rank's jobs, (masks folder, training root, mapping) or None for one image, output folder);
+    the output folder is checked to be writable."""
     output_dir = args.output_path or DEMO_OUTPUT
     try:
         if quick:
-            jobs = [Job(args.mask.stem, args.mask, args.ref, args.output_path)]
+            jobs, source = [Job(args.mask.stem, args.mask, args.ref, args.output_path)], None
             problem = writable(args.output_path.parent)
         else:
-            if demo:
-                if world_size > 1:
-                    raise DataError("the demo runs in one process; run it without mpirun")
-                mask_dir, img_root, mapping = prepare_demo(output_dir)
-            else:
-                mask_dir, img_root, mapping = args.input_path, args.img_path, args.mapping
-            jobs = shard(list_jobs(mask_dir, img_root, output_dir, mapping), rank, world_size)
+            if demo and world_size > 1:
+                raise DataError("the demo runs in one process; run it without mpirun")
+            source = prepare_demo(output_dir) if demo else (args.input_path, args.img_path, args.mapping)
+            jobs = shard(list_jobs(*source[:2], output_dir, source[2]), rank, world_size)
             problem = writable(output_dir)
         if problem:
             raise DataError(problem)
     except DataError as exc:
-        print(f"infer.py: {exc}", file=sys.stderr)
-        return FAILED
-    pending = jobs if quick or args.overwrite else [j for j in jobs if not j.output.is_file()]
-    report = BatchReport(skipped=len(jobs) - len(pending))
-    passes = 0
-    if pending:
-        import time
+        raise Stop(f"infer.py: {exc}") from None
+    return jobs, source, output_dir
 
-        from synthesis.generator import Generator
 
-        try:
-            started = time.perf_counter()
-            generator = Generator(checkpoints, vq_path, args.weights)
-            rounds = generator.rounds(args.preset, args.steps)
-        except (WeightsError, ValueError) as exc:
-            print(f"infer.py: {exc}", file=sys.stderr)
-            return FAILED
-        from ldm.pipeline import unet_passes
+def generate(args, pending: list[Job], checkpoints: list[Path], vq_path: Path, rank: int) -> tuple[BatchReport, int]:
+    """Load the models and generate ``pending``: (the report, U-Net passes per image)."""
+    import time
 
-        passes = unet_passes(rounds)
-        log.info("models loaded in %.1f s (%s; %s); preset %s: %d rounds, %d U-Net passes per image",
-                 time.perf_counter() - started, ", ".join(str(p) for p in checkpoints), vq_path,
-                 args.preset, len(rounds), passes)
-        report = generate_jobs(pending, generator, rounds, batch_size=args.batch_size, seed=args.seed,
-                               quality=quality, size=args.size, save_rounds=args.save_rounds,
-                               show_progress=rank == 0)
-        report.skipped = len(jobs) - len(pending)
-    where = f"[rank {rank}/{world_size}] " if world_size > 1 else ""
+    from ldm.pipeline import unet_passes
+    from synthesis.generator import Generator
+
+    try:
+        started = time.perf_counter()
+        generator = Generator(checkpoints, vq_path, args.weights)
+        rounds = generator.rounds(args.preset, args.steps)
+    except (WeightsError, ValueError) as exc:
+        raise Stop(f"infer.py: {exc}") from None
+    passes = unet_passes(rounds)
+    log.info("models loaded in %.1f s (%s; %s); preset %s: %d rounds, %d U-Net passes per image",
+             time.perf_counter() - started, ", ".join(str(p) for p in checkpoints), vq_path,
+             args.preset, len(rounds), passes)
+    quality = args.quality or QUALITY.get(args.preset, DEFAULT_QUALITY)
+    report = generate_jobs(pending, generator, rounds, batch_size=args.batch_size, seed=args.seed,
+                           quality=quality, size=args.size, save_rounds=args.save_rounds, show_progress=rank == 0)
+    return report, passes
+
+
+def summarize(report: BatchReport, passes: int, where: str) -> int:
     per_image = report.seconds / report.done if report.done else 0.0
     print(f"{where}infer.py: {report.done} images in {report.seconds:.1f} s ({per_image:.2f} s per image, "
           f"{report.images_per_minute:.1f} per minute), {passes} U-Net passes per image; {report.skipped} already "
           f"present, {len(report.failures)} failed")
-    if (demo or args.gallery) and not quick and rank == 0:
-        from synthesis.gallery import PAGE, gallery_rows, write_gallery
-
-        # Under mpirun this shows what is finished when rank 0 is; python -m tools.gallery redoes it later.
-        rows = gallery_rows(output_dir, mask_dir, img_root, mapping)
-        if rows:
-            print(f"gallery: {write_gallery(output_dir / PAGE, rows)}")
     if report.stopped:
         print(f"{where}infer.py: {report.stopped}", file=sys.stderr)
     if report.failures:
@@ -236,6 +227,38 @@ def main(argv=None) -> int:
             print(f"  {name}: {message}", file=sys.stderr)
         return FAILED
     return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    quick = args.mask is not None or args.ref is not None
+    demo = not quick and args.input_path is None
+    args.preset = args.preset or ("fast" if demo else "iidm")
+    check_options(parser, args)
+    try:
+        checkpoints, vq_path = model_files(args)
+        jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+        rank, world_size = (jt.rank, jt.world_size) if jt.in_mpi else (0, 1)
+        jobs, source, output_dir = plan_jobs(args, quick, demo, rank, world_size)
+        pending = jobs if quick or args.overwrite else [j for j in jobs if not j.output.is_file()]
+        report, passes = BatchReport(), 0
+        if pending:
+            report, passes = generate(args, pending, checkpoints, vq_path, rank)
+        report.skipped = len(jobs) - len(pending)
+    except Stop as stop:
+        print(stop, file=sys.stderr)
+        return stop.status
+    status = summarize(report, passes, f"[rank {rank}/{world_size}] " if world_size > 1 else "")
+    if (demo or args.gallery) and source is not None and rank == 0:
+        from synthesis.gallery import PAGE, gallery_rows, write_gallery
+
+        # Under mpirun this shows what is finished when rank 0 is; python -m tools.gallery redoes it later.
+        rows = gallery_rows(output_dir, *source)
+        if rows:
+            print(f"gallery: {write_gallery(output_dir / PAGE, rows)}")
+    return status
 
 
 if __name__ == "__main__":

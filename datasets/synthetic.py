@@ -105,41 +105,60 @@ def make_label(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     yc, xc = (np.arange(H) + 0.5)[:, None], (np.arange(W) + 0.5)[None, :]
     lab = np.full((H, W), SKY, np.uint8)
     horizon = H * rng.uniform(0.36, 0.62)
-    depth = lambda y: float(np.clip((y - horizon) / max(H - horizon, 1e-3), 0, 1))   # 0 far .. 1 near
     water = rng.choice(["sea", "lake", "river", "none"], p=[0.3, 0.25, 0.25, 0.2])
+    _mountains(lab, rng, yc, horizon, water)
+    _ground(lab, rng, yc, horizon, water)
+    _waters(lab, rng, yc, xc, horizon, water)
+    _objects(lab, rng, horizon)
+    return lab
 
-    for r in range(rng.choice([0, 1, 2], p=[0.15, 0.5, 0.35])):   # second range: nearer and lower
+
+def _mountains(lab, rng, yc, horizon: float, water: str) -> None:
+    """Zero to two ranges with fractal ridgelines, the second nearer and lower; by the sea a
+    distant coast may sink into it."""
+    H, W = lab.shape
+    for r in range(rng.choice([0, 1, 2], p=[0.15, 0.5, 0.35])):
         prof = 0.2 + 0.8 * _ridge(rng, W, rng.uniform(0.45, 0.62))
-        if water == "sea" and rng.random() < 0.6:   # a distant coast that sinks into the sea
+        if water == "sea" and rng.random() < 0.6:
             ramp = np.clip((np.linspace(0, 1, W) - rng.uniform(0.1, 0.6)) / 0.3, 0, 1)
             prof *= (ramp if rng.random() < 0.5 else ramp[::-1]) ** 0.7
         top = horizon - H * rng.uniform(0.1, 0.28) * (1 - 0.4 * r) * prof
         lab[(yc >= top) & (yc < horizon)] = MOUNTAIN
 
+
+def _ground(lab, rng, yc, horizon: float, water: str) -> None:
+    """The ground below the horizon: a sea to a wavy, tilted shore with a beach below, or far and
+    near ground (two kinds) with rolling hills."""
+    H, W = lab.shape
     near = float(H - (H - horizon) * rng.uniform(0.15, 0.6))   # far/near ground boundary
     border = near + H * 0.04 * (_smooth1d(rng, W, 3) - 0.5)
-    if water == "sea":   # sea from the horizon to a wavy, tilted shore; a beach below
+    if water == "sea":
         shore = horizon + (H - horizon) * rng.uniform(0.2, 0.6)
         shore = shore + H * (0.03 * _smooth1d(rng, W, 4) + rng.uniform(-0.1, 0.1) * np.linspace(-1, 1, W))
         lab[int(np.ceil(horizon - 0.5)):] = rng.choice([SAND, SAND, GRASS, ROCK, EARTH])
         lab[(yc >= horizon) & (yc < np.maximum(shore, horizon + 1))] = SEA
-    else:
-        far_g = rng.choice([GRASS, GRASS, FIELD, EARTH, SAND])
-        lab[int(np.ceil(horizon - 0.5)):] = far_g
-        if rng.random() < 0.5:
-            lab[yc >= border] = rng.choice([g for g in (GRASS, FIELD, EARTH, SAND) if g != far_g])
-        for k in range(rng.choice([0, 1, 2], p=[0.3, 0.4, 0.3])):   # rolling hills on the ground
-            height_k = H * rng.uniform(0.03, 0.14) / (1 + k)
-            top = horizon - height_k * (0.3 + 0.7 * _smooth1d(rng, W, rng.integers(1, 5)))
-            base = horizon + (H - horizon) * rng.uniform(0.02, 0.25) + H * 0.02 * _smooth1d(rng, W, 3)
-            lab[(yc >= top) & (yc < base)] = HILL
+        return
+    far_g = rng.choice([GRASS, GRASS, FIELD, EARTH, SAND])
+    lab[int(np.ceil(horizon - 0.5)):] = far_g
+    if rng.random() < 0.5:
+        lab[yc >= border] = rng.choice([g for g in (GRASS, FIELD, EARTH, SAND) if g != far_g])
+    for k in range(rng.choice([0, 1, 2], p=[0.3, 0.4, 0.3])):   # rolling hills on the ground
+        height_k = H * rng.uniform(0.03, 0.14) / (1 + k)
+        top = horizon - height_k * (0.3 + 0.7 * _smooth1d(rng, W, rng.integers(1, 5)))
+        base = horizon + (H - horizon) * rng.uniform(0.02, 0.25) + H * 0.02 * _smooth1d(rng, W, 3)
+        lab[(yc >= top) & (yc < base)] = HILL
 
+
+def _waters(lab, rng, yc, xc, horizon: float, water: str) -> None:
+    """A lake (sometimes fed by a waterfall down the face behind it) or a winding river; a path;
+    a forest edge along the horizon."""
+    H, W = lab.shape
     if water == "lake":
         cy, cx = horizon + (H - horizon) * rng.uniform(0.08, 0.5), W * rng.uniform(0.2, 0.8)
         ry, rx = (H - horizon) * rng.uniform(0.08, 0.25), W * rng.uniform(0.2, 0.6)
         d = ((xc - cx) / rx) ** 2 + ((yc - cy) / ry) ** 2 + 0.25 * _noise(rng, H, W, 3)
         lab[(d < 1) & (yc >= horizon)] = LAKE if rng.random() < 0.7 else WATER
-        if rng.random() < 0.35:   # a waterfall down the mountain or hill face behind
+        if rng.random() < 0.35:
             wx, ww = cx + rx * rng.uniform(-0.5, 0.5), W * rng.uniform(0.003, 0.01) + 0.5
             top = horizon - H * rng.uniform(0.03, 0.15)   # narrow, widening as it falls
             fall = (np.abs(xc - wx) < ww * (1 + 2 * (yc - top) / H)) & (yc > top)
@@ -150,16 +169,21 @@ def make_label(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     if water != "river" and rng.random() < 0.3:
         y0 = horizon + (H - horizon) * rng.uniform(0.1, 0.5)
         lab[_winding(rng, yc, xc, y0, H, W, rng.uniform(0.15, 0.35)) & np.isin(lab, GROUND)] = PATH
-
-    if water != "sea" and rng.random() < 0.5:   # a forest edge along the horizon
+    if water != "sea" and rng.random() < 0.5:
         a, b = sorted(W * rng.uniform(-0.3, 1.3, 2))
         bumps = H * rng.uniform(0.015, 0.05) * (0.4 + 0.6 * _smooth1d(rng, W, max(4, W // 6)))
         band = (yc >= horizon - bumps) & (yc < horizon + H * 0.01) & (xc > a) & (xc < b)
         lab[band & ~np.isin(lab, WATERS)] = TREE
 
-    objects = []   # (base row, kind, x, size, conical), drawn far to near
+
+def _objects(lab, rng, horizon: float) -> None:
+    """Clusters of trees, rocks (on land or in shallow water) and bushes, sized by their distance
+    below the horizon and drawn far to near."""
+    H, W = lab.shape
+    depth = lambda y: float(np.clip((y - horizon) / max(H - horizon, 1e-3), 0, 1))   # 0 far .. 1 near
+    objects = []   # (base row, kind, x, size, conical)
     land = np.flatnonzero(np.isin(lab, LAND))
-    for _ in range(rng.integers(0, 5) if land.size else 0):   # clusters of trees
+    for _ in range(rng.integers(0, 5) if land.size else 0):
         cy, cx = divmod(int(rng.choice(land)), W)
         conical, spread = rng.random() < 0.4, H * (0.03 + 0.4 * depth(cy) ** 1.3) * rng.uniform(0.4, 1.0)
         for _ in range(rng.integers(1, 8)):
@@ -167,7 +191,7 @@ def make_label(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
             if 0 <= x < W and 0 <= y < H and lab[int(y), int(x)] in LAND:
                 size = H * (0.03 + 0.4 * depth(y) ** 1.3) * rng.uniform(0.7, 1.3)
                 objects.append((y, "tree", x, size, conical))
-    for _ in range(rng.integers(0, 8)):   # rocks on land or in shallow water, bushes on land
+    for _ in range(rng.integers(0, 8)):
         y, x = H - (H - horizon) * rng.uniform(0, 1) ** 1.5, W * rng.uniform(0, 1)
         kind = "rock" if rng.random() < 0.6 else "plant"
         if y < H and lab[int(y), int(x)] in (LAND + WATERS if kind == "rock" else LAND):
@@ -182,7 +206,6 @@ def make_label(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
             poly = np.stack([x + rad * np.cos(ang), py], 1)
             value = ROCK if kind == "rock" else PLANT
             cv2.fillPoly(lab, [np.round(poly * 16).astype(np.int32)], value, cv2.LINE_8, 4)
-    return lab
 
 
 # ------------------------------------------------------------------------------------------- styles
@@ -282,13 +305,37 @@ def _relief(height_field: np.ndarray, light: tuple[float, float]) -> np.ndarray:
     return np.clip(shade / (shade.std() + 1e-6), -2, 2) / 2
 
 
+@dataclass
+class _Canvas:
+    """What the rendering stages share: the label map, the per-image look, the horizon, pixel
+    coordinates, the base noise fields and the light."""
+
+    label: np.ndarray
+    st: Style
+    albedo: np.ndarray
+    horizon: float
+    yc: np.ndarray
+    xc: np.ndarray
+    depth: np.ndarray         # 0 at the horizon, 1 at the bottom
+    low: np.ndarray
+    mid: np.ndarray
+    fine: np.ndarray
+    leaf: np.ndarray          # leafy clumps in crowns
+    sun: np.ndarray           # (x, y) of the disc
+    light_dir: tuple
+
+    def is_(self, *classes) -> np.ndarray:
+        return np.isin(self.label, classes)
+
+
 def render_photo(label: np.ndarray, style: str, rng: np.random.Generator,
                  look: int | None = None) -> np.ndarray:
     """Render a label map uint8 [H, W] as an RGB photo uint8 [H, W, 3] in one of STYLES.
 
     Textures and clouds come from `rng`; the palette jitter and sun position come from
     np.random.default_rng(look) when `look` is given (so two masks can share one exact look, as a
-    test image shares its reference's), else from `rng`."""
+    test image shares its reference's), else from `rng`. Stages, back to front: sky, land colour,
+    light, water, photo finish."""
     if style not in STYLE_TABLE:
         raise ValueError(f"unknown style {style!r}; valid styles: {', '.join(STYLES)}")
     label = np.asarray(label)
@@ -296,20 +343,28 @@ def render_photo(label: np.ndarray, style: str, rng: np.random.Generator,
     st, albedo = _jitter(STYLE_TABLE[style], np.random.default_rng(look) if look is not None else rng)
     horizon = _horizon(label)
     yc, xc = (np.arange(H, dtype=np.float32) + 0.5)[:, None], (np.arange(W, dtype=np.float32) + 0.5)[None, :]
-    depth = np.clip((yc - horizon) / max(H - horizon, 1.0), 0, 1)   # 0 at the horizon, 1 at the bottom
+    depth = np.clip((yc - horizon) / max(H - horizon, 1.0), 0, 1)
     low, mid, fine = _noise(rng, H, W, 3), _noise(rng, H, W, 12), _noise(rng, H, W, 128, 1)
-    leaf = _noise(rng, H, W, 64, 2)                                       # leafy clumps in crowns
-    is_ = lambda *cs: np.isin(label, cs)
+    leaf = _noise(rng, H, W, 64, 2)
     sun = np.float32([st.sun_x * W, horizon * (1 - st.sun_height)])
     light_dir = (-1.0 if st.sun_x > 0.5 else 1.0, 0.6)                      # light comes from the sun's side
+    c = _Canvas(label, st, albedo, horizon, yc, xc, depth, low, mid, fine, leaf, sun, light_dir)
+    sky = _sky(c, rng)
+    surf, mtn, rise, gully = _land_colour(c, rng)
+    img = np.where(c.is_(SKY)[..., None], sky, _lit(c, surf, mtn, rise, gully, sky))
+    img = _water(c, rng, img, sky)
+    return _finish(c, rng, img)
 
-    # Sky: vertical gradient, sun or moon glow, clouds (flattened noise), stars.
-    t = np.clip(yc / max(horizon, 1.0), 0, 1)[..., None] ** 1.3
+
+def _sky(c: _Canvas, rng) -> np.ndarray:
+    """Vertical gradient, sun or moon glow, clouds (flattened noise), stars."""
+    st, (H, W) = c.st, c.label.shape
+    t = np.clip(c.yc / max(c.horizon, 1.0), 0, 1)[..., None] ** 1.3
     img = np.broadcast_to(np.float32(st.sky_top) * (1 - t) + np.float32(st.sky_horizon) * t, (H, W, 3)).copy()
-    dist = np.hypot(xc - sun[0], yc - sun[1]) / H
+    dist = np.hypot(c.xc - c.sun[0], c.yc - c.sun[1]) / H
     cloud_n = _noise(rng, H, W, 3, 6, aspect=3.0)
     dens = np.clip((cloud_n - 1.6 + 2.8 * st.clouds) / 0.5, 0, 1) * np.clip(1.4 - t[..., 0], 0, 1)
-    cloud = np.float32(st.cloud) * (0.85 + 0.1 * mid - 0.075 * np.clip(cloud_n, 0, 2))[..., None]
+    cloud = np.float32(st.cloud) * (0.85 + 0.1 * c.mid - 0.075 * np.clip(cloud_n, 0, 2))[..., None]
     img = img * (1 - dens[..., None]) + cloud * dens[..., None]
     if st.stars:
         stars = (rng.random((H, W)) < 0.004) * rng.uniform(0.3, 1.0, (H, W))
@@ -318,78 +373,95 @@ def render_photo(label: np.ndarray, style: str, rng: np.random.Generator,
         halo = st.glow * (0.6 * np.exp(-dist / 0.25) + 0.4 * np.exp(-dist / 0.05))
         disc = np.clip((st.disc - dist) * H / 1.5 + 0.5, 0, 1) * (1 - 0.8 * dens)
         img += np.float32(st.sun) * (halo * (1 - 0.5 * dens) + disc)[..., None]
-    sky = img.copy()
+    return img
 
-    # Land: jittered albedo x (1 + textures; ground texture lies flat), foliage colour per tree
-    # clump, field furrows converging on the horizon, forested mountain feet, snow above a snowline.
+
+def _land_colour(c: _Canvas, rng):
+    """Jittered albedo x (1 + textures; ground texture lies flat), foliage colour per tree clump,
+    field furrows converging on the horizon, forested mountain feet, snow above a snowline.
+    Returns (surface colour, mountain mask, rise of each row up the mountains, gully noise)."""
+    st, label, (H, W) = c.st, c.label, c.label.shape
+    yc, xc, horizon = c.yc, c.xc, c.horizon
     amp = ALBEDO[:, 3:]
     flat = _noise(rng, H, W, 8, 3, aspect=3.0)
-    surf = albedo[label] * (1 + amp[label, 0] * low + amp[label, 1] * flat + amp[label, 2] * fine)[..., None]
-    surf[is_(GRASS, HILL, FIELD, PLANT)] *= np.float32(st.grass)
+    surf = c.albedo[label] * (1 + amp[label, 0] * c.low + amp[label, 1] * flat + amp[label, 2] * c.fine)[..., None]
+    surf[c.is_(GRASS, HILL, FIELD, PLANT)] *= np.float32(st.grass)
     pick = np.clip((_noise(rng, H, W, 4) + 1.5) / 3, 0, 1) * (len(st.foliage) - 1)   # blend along the palette
     k = pick.astype(int)
     f, fol = (pick - k)[..., None], np.float32(st.foliage + st.foliage[-1:])
-    tree = is_(TREE)
-    surf[tree] = ((fol[k] * (1 - f) + fol[k + 1] * f) * (1 + 0.1 * mid + 0.25 * leaf)[..., None])[tree]
+    tree = c.is_(TREE)
+    surf[tree] = ((fol[k] * (1 - f) + fol[k + 1] * f) * (1 + 0.1 * c.mid + 0.25 * c.leaf)[..., None])[tree]
     angle = np.arctan2(xc - W * (0.3 + 0.4 * st.sun_x), np.maximum(yc - horizon, 0.5) * 3)
-    surf[is_(FIELD)] *= (1 + 0.08 * np.sin(angle * 50))[..., None][is_(FIELD)]
-    mtn = is_(MOUNTAIN)
+    surf[c.is_(FIELD)] *= (1 + 0.08 * np.sin(angle * 50))[..., None][c.is_(FIELD)]
+    mtn = c.is_(MOUNTAIN)
     crest = np.argmax(mtn, 0).astype(np.float32)[None, :]                 # top row of mountain per column
     peak = crest[0][mtn.any(0)].min() if mtn.any() else horizon
     rise = np.clip((horizon - yc) / max(horizon - peak, 1.0), 0, 1)        # 0 at the foot .. 1 at the peak
     gully = _noise(rng, H, W, 6, 4, aspect=0.35)
-    forest = np.clip((0.45 - rise) * 4 + 0.5 * low, 0, 1) * (1 - st.snow)
+    forest = np.clip((0.45 - rise) * 4 + 0.5 * c.low, 0, 1) * (1 - st.snow)
     forest = 0.7 * forest[..., None]
     surf[mtn] = (surf * (1 - forest) + np.float32([0.15, 0.24, 0.12]) * forest)[mtn]
-    snowline = 1.0 - st.snow * 0.9 + 0.12 * gully + 0.05 * mid            # in units of `rise`
+    snowline = 1.0 - st.snow * 0.9 + 0.12 * gully + 0.05 * c.mid            # in units of `rise`
     snowy = (mtn & (rise > snowline) & (horizon - peak > 0.1 * H)) | (st.snow > 0.5) & (
-        is_(*LAND) | is_(ROCK) & (low + fine > 0.3) | tree & (leaf > 1.4))
-    surf[snowy] = np.float32([0.92, 0.94, 0.98]) * (0.97 + 0.03 * fine[snowy, None])
+        c.is_(*LAND) | c.is_(ROCK) & (c.low + c.fine > 0.3) | tree & (c.leaf > 1.4))
+    surf[snowy] = np.float32([0.92, 0.94, 0.98]) * (0.97 + 0.03 * c.fine[snowy, None])
+    return surf, mtn, rise, gully
 
-    # Light: relief of the mountains (gullies) and of round objects (blurred masks, inside them only),
-    # cast shadows of trees, aerial perspective towards the horizon colour.
-    objects = is_(TREE, ROCK, PLANT).astype(np.float32)
+
+def _lit(c: _Canvas, surf: np.ndarray, mtn: np.ndarray, rise: np.ndarray, gully: np.ndarray,
+         sky: np.ndarray) -> np.ndarray:
+    """Relief of the mountains (gullies) and of round objects (blurred masks, inside them only),
+    cast shadows of trees, aerial perspective towards the horizon colour."""
+    st, (H, W), light_dir = c.st, c.label.shape, c.light_dir
+    objects = c.is_(TREE, ROCK, PLANT).astype(np.float32)
     s = max(H / 60, 0.7)
-    shade = 0.5 * _relief(gully + 0.5 * low + 3 * rise, light_dir) * mtn
-    shade += _relief(cv2.GaussianBlur(objects, (0, 0), s) + 0.05 * leaf, light_dir) * objects
-    hills = is_(HILL).astype(np.float32)
-    shade += 0.4 * _relief(cv2.GaussianBlur(hills, (0, 0), 4 * s) + 0.2 * low, light_dir) * hills
+    shade = 0.5 * _relief(gully + 0.5 * c.low + 3 * rise, light_dir) * mtn
+    shade += _relief(cv2.GaussianBlur(objects, (0, 0), s) + 0.05 * c.leaf, light_dir) * objects
+    hills = c.is_(HILL).astype(np.float32)
+    shade += 0.4 * _relief(cv2.GaussianBlur(hills, (0, 0), 4 * s) + 0.2 * c.low, light_dir) * hills
     reach = H * (0.01 + 0.06 * (1 - np.clip(st.sun_height, 0, 1)))   # low sun, long shadows
     shift = np.float32([[1, 0, -light_dir[0] * reach], [0, 1, H * 0.01]])
-    cast = cv2.GaussianBlur(cv2.warpAffine(tree.astype(np.float32), shift, (W, H)), (0, 0), s) * is_(*LAND)
+    cast = cv2.GaussianBlur(cv2.warpAffine(c.is_(TREE).astype(np.float32), shift, (W, H)), (0, 0), s) * c.is_(*LAND)
     shade = (1 + st.shadow * 0.8 * shade) * (1 - 0.6 * st.shadow * cast)
     lit = surf * np.float32(st.light) * shade[..., None]
-    haze = st.haze * np.where(mtn | is_(WATERFALL), 0.5 + 0.4 * np.clip(yc / max(horizon, 1), 0, 1) ** 4,
-                              np.where(is_(HILL), 0.4, 0.8 * (1 - depth) ** 3))
-    lit = lit * (1 - haze[..., None]) + np.float32(st.sky_horizon) * haze[..., None]
-    img = np.where(is_(SKY)[..., None], sky, lit)
+    haze = st.haze * np.where(mtn | c.is_(WATERFALL), 0.5 + 0.4 * np.clip(c.yc / max(c.horizon, 1), 0, 1) ** 4,
+                              np.where(c.is_(HILL), 0.4, 0.8 * (1 - c.depth) ** 3))
+    return lit * (1 - haze[..., None]) + np.float32(st.sky_horizon) * haze[..., None]
 
-    # Water mirrors what stands above its near edge, ripples and sun glitter break the mirror.
-    wet = is_(*WATERS)
+
+def _water(c: _Canvas, rng, img: np.ndarray, sky: np.ndarray) -> np.ndarray:
+    """Water mirrors what stands above its near edge; ripples and sun glitter break the mirror."""
+    st, label, (H, W) = c.st, c.label, c.label.shape
+    yc, xc, depth = c.yc, c.xc, c.depth
+    wet = c.is_(*WATERS)
     if wet.any():
         starts = wet & ~np.vstack([np.zeros((1, W), bool), wet[:-1]])
         axis = np.maximum.accumulate(np.where(starts, np.arange(H)[:, None], 0), 0)   # top row of each run
         ripple = _noise(rng, H, W, 16, 3, aspect=8.0)
         src_y = np.clip(2 * axis - yc - 1, 0, H - 1).astype(int)
         src_x = np.clip(xc + ripple * W * 0.004 * (1 + 3 * depth), 0, W - 1).astype(int)
-        sky_y = np.clip(2 * horizon - yc, 0, H - 1).astype(int)   # flat banks mirror no height: show the sky
+        sky_y = np.clip(2 * c.horizon - yc, 0, H - 1).astype(int)   # flat banks mirror no height: show the sky
         mirror = np.where(np.isin(label[src_y, src_x], GROUND + WATERS)[..., None], sky[sky_y, src_x],
                           img[src_y, src_x])
         fresnel = (0.75 - 0.45 * depth)[..., None]
-        water = albedo[label] * np.float32(st.light) * (1 + 0.25 * ripple[..., None])
+        water = c.albedo[label] * np.float32(st.light) * (1 + 0.25 * ripple[..., None])
         water = mirror * fresnel * (1 + 0.1 * ripple[..., None]) + water * (1 - fresnel)
         if st.sun_height > 0:
-            path = np.exp(-((xc - sun[0]) / (W * (0.03 + 0.1 * depth))) ** 2)   # widening towards us
-            glitter = np.clip(ripple + fine - 0.8, 0, None) * path
+            path = np.exp(-((xc - c.sun[0]) / (W * (0.03 + 0.1 * depth))) ** 2)   # widening towards us
+            glitter = np.clip(ripple + c.fine - 0.8, 0, None) * path
             water += np.float32(st.sun) * (0.5 * st.glow * glitter)[..., None]
-        to_land = cv2.distanceTransform((~is_(*LAND, ROCK)).astype(np.uint8), cv2.DIST_L2, 3)
-        foam = is_(SEA) & (depth > 0.05) & (to_land < H * 0.012)
+        to_land = cv2.distanceTransform((~c.is_(*LAND, ROCK)).astype(np.uint8), cv2.DIST_L2, 3)
+        foam = c.is_(SEA) & (depth > 0.05) & (to_land < H * 0.012)
         water[foam] = water[foam] * 0.4 + 0.6 * np.float32(st.light) * 0.9
         img[wet] = water[wet]
-    fall = is_(WATERFALL)
+    fall = c.is_(WATERFALL)
     img[fall] *= (0.85 + 0.15 * _noise(rng, H, W, 20, 2, aspect=0.1))[fall, None]
+    return img
 
-    # Photo finish: soft class borders, grading, vignette, grain.
+
+def _finish(c: _Canvas, rng, img: np.ndarray) -> np.ndarray:
+    """Soft class borders, grading, vignette, grain; float RGB in 0..1 -> uint8."""
+    st, label, (H, W) = c.st, c.label, c.label.shape
     edges = np.zeros((H, W), np.float32)
     edges[1:] += label[1:] != label[:-1]
     edges[:, 1:] += label[:, 1:] != label[:, :-1]
@@ -399,7 +471,7 @@ def render_photo(label: np.ndarray, style: str, rng: np.random.Generator,
     lum = img.mean(2, keepdims=True)
     img = lum + (img - lum) * st.saturation
     img = img.mean() + (img - img.mean()) * st.contrast
-    img *= (1 - 0.25 * (((xc - W / 2) / W) ** 2 + ((yc - H / 2) / H) ** 2))[..., None]
+    img *= (1 - 0.25 * (((c.xc - W / 2) / W) ** 2 + ((c.yc - H / 2) / H) ** 2))[..., None]
     img += rng.normal(0, 0.012, (H, W, 1)).astype(np.float32)   # luminance grain
     img += rng.normal(0, 0.004, (H, W, 3)).astype(np.float32)   # and a little chroma grain
     return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)

@@ -244,32 +244,39 @@ class LDMTask(Task):
         (and ``update``), one update. Returns the logged values (means over the global batch)."""
         cfg = self.cfg
         batch = draw_batch(self.store, cfg, step)
+        scale = 2.0 ** self.lg_loss_scale if cfg.fp16 else 1.0
+        grads, values, loss = self._gradients(batch, scale)
+        values["mask_kept"] = float(batch.kept.mean())
+        if cfg.fp16 and math.isfinite(loss) and not math.isfinite(values["grad_norm"]):
+            # Loss-scale overflow (guided-diffusion's MixedPrecisionTrainer): halve the scale, skip.
+            if update:
+                self.lg_loss_scale -= 1.0
+            values.update(skipped="fp16_overflow", lg_loss_scale=self.lg_loss_scale)
+        elif not (math.isfinite(loss) and math.isfinite(values["grad_norm"])):
+            values["skipped"] = NON_FINITE
+        elif update:
+            self._update(grads)
+            if cfg.fp16:
+                self.lg_loss_scale += cfg.fp16_scale_growth
+                values["lg_loss_scale"] = self.lg_loss_scale
+            values["updates"] = self.updates
+        return values
+
+    def _gradients(self, batch: Batch, scale: float) -> tuple[list[jt.Var], dict[str, Any], float]:
+        """The gradient of the mean loss over the global batch (micro-batches summed, MPI ranks
+        averaged, loss scale removed), the logged terms (overall and by quarter of [0, T)) with the
+        gradient norm, and the global mean loss."""
+        cfg = self.cfg
         world = jt.world_size if jt.in_mpi else 1
         rank = jt.rank if jt.in_mpi else 0
         micro = cfg.batch_size // (cfg.grad_accum * world)
-        scale = 2.0 ** self.lg_loss_scale if cfg.fp16 else 1.0
         grads: list[jt.Var] | None = None
         per_sample = {k: [] for k in TERMS}
         t_seen = []
         for k in range(cfg.grad_accum):
             start = (k * world + rank) * micro
             part = slice(start, start + micro)
-            x_start, mask = jt.array(batch.latents[part]), jt.array(batch.masks[part])
-            t, noise = jt.array(batch.t[part]), jt.array(batch.noise[part])
-            if cfg.grad_checkpoint:
-                from models.staged import StagedPass
-
-                staged = StagedPass(self.unet, mask)
-                terms = training_losses(self.schedule, staged.forward, x_start, t, noise, loss_type=cfg.loss_type)
-                loss = terms["loss"].mean() * (scale / cfg.grad_accum)
-                by_id = staged.backward(jt.grad(loss, staged.output))
-                micro_grads = [by_id[id(p)] for p in self.params]
-            else:
-                terms = training_losses(self.schedule, lambda x_t, t_model: self.unet(x_t, t_model, mask), x_start,
-                                        t, noise, loss_type=cfg.loss_type)
-                loss = terms["loss"].mean() * (scale / cfg.grad_accum)
-                micro_grads = jt.grad(loss, self.params)
-            micro_grads = [g.float32() if g.dtype != "float32" else g for g in micro_grads]
+            terms, micro_grads = self._micro_batch(batch, part, scale)
             grads = micro_grads if grads is None else [a + g for a, g in zip(grads, micro_grads)]
             jt.sync([*terms.values(), *grads])
             for name in TERMS:
@@ -281,39 +288,44 @@ class LDMTask(Task):
         if scale != 1.0:
             grads = [g / scale for g in grads]
         sq = sum((g * g).sum() for g in grads)
-        local_loss = float(np.mean(np.concatenate(per_sample["loss"])))
-        loss_var = jt.array(np.array([local_loss], dtype=np.float32))
+        loss_var = jt.array(np.array([np.mean(np.concatenate(per_sample["loss"]))], dtype=np.float32))
         if jt.in_mpi:
             loss_var = loss_var.mpi_all_reduce("mean")
         jt.sync([sq, loss_var, *grads])
-        grad_norm = math.sqrt(float(sq.item())) if np.isfinite(sq.item()) else float("inf")
-        global_loss = float(loss_var.item())
-
         values: dict[str, Any] = {}
+        quartile = np.concatenate(t_seen) * 4 // cfg.schedule.num_timesteps
         for name, chunks in per_sample.items():
             if chunks:
                 samples = np.concatenate(chunks)
                 values[name] = float(samples.mean())
-                quartile = np.concatenate(t_seen) * 4 // cfg.schedule.num_timesteps
                 for q in range(4):
                     if (quartile == q).any():
                         values[f"{name}_q{q}"] = float(samples[quartile == q].mean())
-        values["grad_norm"] = grad_norm
-        values["mask_kept"] = float(batch.kept.mean())
+        values["grad_norm"] = math.sqrt(float(sq.item())) if np.isfinite(sq.item()) else float("inf")
+        return grads, values, float(loss_var.item())
 
-        finite_loss = math.isfinite(global_loss)
-        if cfg.fp16 and finite_loss and not math.isfinite(grad_norm):
-            # Loss-scale overflow (guided-diffusion's MixedPrecisionTrainer): halve the scale, skip.
-            if update:
-                self.lg_loss_scale -= 1.0
-            values.update(skipped="fp16_overflow", lg_loss_scale=self.lg_loss_scale)
-            return values
-        if not (finite_loss and math.isfinite(grad_norm)):
-            values["skipped"] = NON_FINITE
-            return values
-        if not update:
-            return values
+    def _micro_batch(self, batch: Batch, part: slice, scale: float) -> tuple[dict[str, jt.Var], list[jt.Var]]:
+        """The loss terms [b] and the float32 gradients of one micro-batch's scaled mean loss."""
+        cfg = self.cfg
+        x_start, mask = jt.array(batch.latents[part]), jt.array(batch.masks[part])
+        t, noise = jt.array(batch.t[part]), jt.array(batch.noise[part])
+        if cfg.grad_checkpoint:
+            from models.staged import StagedPass
 
+            staged = StagedPass(self.unet, mask)
+            terms = training_losses(self.schedule, staged.forward, x_start, t, noise, loss_type=cfg.loss_type)
+            loss = terms["loss"].mean() * (scale / cfg.grad_accum)
+            by_id = staged.backward(jt.grad(loss, staged.output))
+            grads = [by_id[id(p)] for p in self.params]
+        else:
+            terms = training_losses(self.schedule, lambda x_t, t_model: self.unet(x_t, t_model, mask), x_start,
+                                    t, noise, loss_type=cfg.loss_type)
+            loss = terms["loss"].mean() * (scale / cfg.grad_accum)
+            grads = jt.grad(loss, self.params)
+        return terms, [g.float32() if g.dtype != "float32" else g for g in grads]
+
+    def _update(self, grads: list[jt.Var]) -> None:
+        """AdamW on the float32 masters, copied back to float16 parameters, then the EMA."""
         group = self.optimizer.param_groups[0]
         group["grads"] = [g.stop_grad() for g in grads]
         self.optimizer.n_step = self.updates + 1
@@ -324,11 +336,6 @@ class LDMTask(Task):
                 p.update(master.cast(p.dtype))
         self.ema.update()
         jt.sync(self.masters + self.ema.vars() + group["m"] + group["values"])
-        if cfg.fp16:
-            self.lg_loss_scale += cfg.fp16_scale_growth
-            values["lg_loss_scale"] = self.lg_loss_scale
-        values["updates"] = self.updates
-        return values
 
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {"loss": f"{values.get('loss', float('nan')):.4f}", "mse": f"{values.get('mse', float('nan')):.4f}"}

@@ -232,114 +232,151 @@ def load_header_step(path: Path) -> int:
     return int(extra.get("step", -1))
 
 
-def run(task: Task, out_dir: str | os.PathLike, loop: LoopConfig, *, resume: bool = False,
-        progress: bool = True, step_hook: Callable[[int, dict], None] | None = None) -> RunResult:
-    """Train ``task`` until ``loop.max_steps`` (see the module docstring)."""
-    import jittor as jt
-    from tqdm import tqdm
+class _Run:
+    """The state of one ``run``: the step, the guard's counters, which checkpoint is good and which
+    awaits its proof, and the files of the run folder."""
 
-    out = Path(out_dir)
-    folder = out / CHECKPOINTS
-    last, candidate = folder / LAST, folder / CANDIDATE
-    writer = _is_writer()
-    if not resume and (last.exists() or candidate.exists()):
-        raise FileExistsError(f"{out} already holds a training run ({folder}); pass --resume to continue "
-                              "it or choose another output folder")
-    step, counters = 0, {"bad_steps": 0, "bad_in_a_row": 0}
-    if resume:
-        source = checkpoint_to_resume(out)
+    def __init__(self, task: Task, out: Path, loop: LoopConfig):
+        self.task, self.out, self.loop = task, out, loop
+        self.folder = out / CHECKPOINTS
+        self.last, self.candidate = self.folder / LAST, self.folder / CANDIDATE
+        self.writer = _is_writer()
+        self.step = 0
+        self.counters = {"bad_steps": 0, "bad_in_a_row": 0}
+        self.good_step: int | None = None    # the step of last.safetensors
+        self.pending: int | None = None      # the step of the candidate awaiting its proof
+
+    def resume(self) -> None:
+        source = checkpoint_to_resume(self.out)
         if source is None:
-            raise FileNotFoundError(f"{last}: nothing to resume (no checkpoint in {folder})")
+            raise FileNotFoundError(f"{self.last}: nothing to resume (no checkpoint in {self.folder})")
         checkpoint = load_checkpoint(source)
+        task = self.task
         if checkpoint.file_kind != task.kind + TRAIN_SUFFIX or "training" not in checkpoint.extra:
             raise WeightsError(f"{source}: not a {task.kind} training checkpoint of this version "
                                f"(kind {checkpoint.file_kind!r}); start a new run")
         saved = checkpoint.extra["training"]
         task.load(checkpoint.arrays, saved.get("task", {}), str(source))
-        step = int(checkpoint.extra["step"])
-        counters.update({k: int(saved.get(k, 0)) for k in counters})
-        del checkpoint
-        log.info("resumed %s at step %d", source, step)
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        for where in (out, folder, out / "samples"):
+        self.step = int(checkpoint.extra["step"])
+        self.counters.update({k: int(saved.get(k, 0)) for k in self.counters})
+        if source == self.candidate:
+            self.pending = self.step
+            self.good_step = load_header_step(self.last) if self.last.is_file() else None
+        else:
+            self.good_step = self.step
+        log.info("resumed %s at step %d", source, self.step)
+
+    def prepare_folder(self) -> None:
+        """Stale temporaries out, the log made to agree with the step, the options written."""
+        if not self.writer:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        for where in (self.out, self.folder, self.out / "samples"):
             if remove_stale_temporaries(where):
                 log.info("%s: removed temporary files left by an interrupted write", where)
-        repair_log(out / LOG_FILE, step)
-        with open(out / OPTIONS, "w", encoding="utf-8") as f:
-            json.dump({"run": task.config(), "loop": loop.__dict__}, f, indent=2, sort_keys=True)
+        repair_log(self.out / LOG_FILE, self.step)
+        with open(self.out / OPTIONS, "w", encoding="utf-8") as f:
+            json.dump({"run": self.task.config(), "loop": self.loop.__dict__}, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    good_step = step if resume else None     # the step of last.safetensors (resume: the one loaded)
-    if resume and source == candidate:
-        good_step = load_header_step(last) if last.is_file() else None
-    pending = step if resume and source == candidate else None   # candidate step awaiting its proof
+    def save(self, path: Path, arrays: Mapping[str, Any]) -> None:
+        if self.writer:
+            extra = {"step": self.step, "training": {**self.counters, "task": self.task.counters()}}
+            save_checkpoint(path, arrays, kind=self.task.kind + TRAIN_SUFFIX, config=self.task.config(), extra=extra)
 
-    def save(path: Path, arrays: Mapping[str, Any], at: int) -> None:
-        extra = {"step": at, "training": {**counters, "task": task.counters()}}
-        save_checkpoint(path, arrays, kind=task.kind + TRAIN_SUFFIX, config=task.config(), extra=extra)
+    def promote(self) -> None:
+        """The candidate proved finite: it becomes last.safetensors."""
+        if self.writer and self.candidate.is_file():
+            os.replace(self.candidate, self.last)
+        self.good_step, self.pending = self.pending, None
 
-    def promote() -> None:
-        nonlocal pending, good_step
-        if writer and candidate.is_file():
-            os.replace(candidate, last)
-        good_step, pending = pending, None
-
-    def stop_message(values: Mapping[str, Any]) -> str:
-        where = (f"the last good checkpoint is {last} (step {good_step}): resume it with a lower --lr"
-                 if good_step is not None and last.is_file() else
+    def stop(self, why: str) -> TrainingStopped:
+        """Set the unproven candidate aside and say where to resume from."""
+        if self.writer and self.candidate.is_file():
+            os.replace(self.candidate, self.folder / DIVERGED)
+        where = (f"the last good checkpoint is {self.last} (step {self.good_step}): resume it with a lower --lr"
+                 if self.good_step is not None and self.last.is_file() else
                  "no good checkpoint exists yet: start again with a lower --lr")
-        return (f"stopped at step {step}: {counters['bad_in_a_row']} steps in a row had a non-finite loss or "
-                f"gradient (last loss {values.get('loss')}); {where}")
+        return TrainingStopped(f"stopped at step {self.step}: {why}; {where}")
 
+    def train_step(self) -> dict[str, Any]:
+        """One step of the task, counted by the guard; returns the log record."""
+        import jittor as jt
+
+        started = time.perf_counter()
+        jt.set_seed(jittor_seed(self.loop.seed, self.step, 1))
+        values = self.task.step(self.step)
+        self.step += 1
+        skipped = values.get("skipped")
+        if skipped == NON_FINITE:
+            self.counters["bad_steps"] += 1
+            self.counters["bad_in_a_row"] += 1
+        elif skipped is None:
+            self.counters["bad_in_a_row"] = 0
+            if self.pending is not None:
+                self.promote()
+        return {"step": self.step, **values, "bad_steps": self.counters["bad_steps"],
+                "seconds": round(time.perf_counter() - started, 4)}
+
+    def check_guard(self, record: Mapping[str, Any]) -> None:
+        if self.counters["bad_in_a_row"] >= self.loop.max_bad_steps:
+            raise self.stop(f"{self.counters['bad_in_a_row']} steps in a row had a non-finite loss or gradient "
+                            f"(last loss {record.get('loss')})")
+
+    def after_step(self) -> None:
+        """The candidate, the kept weights and the samples due at this step."""
+        step, loop = self.step, self.loop
+        if loop.save_every and step % loop.save_every == 0:
+            self.save(self.candidate, self.task.state())
+            self.pending = step
+        if loop.keep_every and step % loop.keep_every == 0:
+            self.save(self.folder / f"step_{step:07d}.safetensors", self.task.kept_weights())
+        if loop.sample_every and step % loop.sample_every == 0 and self.writer:
+            self.task.write_samples(self.out / "samples" / f"step_{step:07d}.png", step)
+
+    def finish(self) -> None:
+        """Save the final state unless it is saved, and prove it with a probe step: nothing trains
+        from the final weights, so a step that does not update checks them."""
+        import jittor as jt
+
+        if self.pending != self.step and self.good_step != self.step:
+            self.save(self.candidate, self.task.state())
+            self.pending = self.step
+        if self.pending is not None:
+            jt.set_seed(jittor_seed(self.loop.seed, self.step, 1))
+            if self.task.step(self.step, update=False).get("skipped") == NON_FINITE:
+                raise self.stop("the final weights give a non-finite loss or gradient")
+            self.promote()
+
+
+def run(task: Task, out_dir: str | os.PathLike, loop: LoopConfig, *, resume: bool = False,
+        progress: bool = True, step_hook: Callable[[int, dict], None] | None = None) -> RunResult:
+    """Train ``task`` until ``loop.max_steps`` (see the module docstring)."""
+    from tqdm import tqdm
+
+    state = _Run(task, Path(out_dir), loop)
+    if not resume and (state.last.exists() or state.candidate.exists()):
+        raise FileExistsError(f"{state.out} already holds a training run ({state.folder}); pass --resume to "
+                              "continue it or choose another output folder")
+    if resume:
+        state.resume()
+    state.prepare_folder()
     first = last_record = None
-    with JsonLog(out / LOG_FILE if writer else None) as records, \
-            tqdm(total=loop.max_steps, initial=step, desc=task.name, disable=not (progress and writer)) as bar:
-        while step < loop.max_steps:
-            started = time.perf_counter()
-            jt.set_seed(jittor_seed(loop.seed, step, 1))
-            values = task.step(step)
-            step += 1
-            skipped = values.get("skipped")
-            if skipped == NON_FINITE:
-                counters["bad_steps"] += 1
-                counters["bad_in_a_row"] += 1
-            elif skipped is None:
-                counters["bad_in_a_row"] = 0
-                if pending is not None:
-                    promote()
-            record = {"step": step, **values, "bad_steps": counters["bad_steps"],
-                      "seconds": round(time.perf_counter() - started, 4)}
+    with JsonLog(state.out / LOG_FILE if state.writer else None) as records, \
+            tqdm(total=loop.max_steps, initial=state.step, desc=task.name,
+                 disable=not (progress and state.writer)) as bar:
+        while state.step < loop.max_steps:
+            record = state.train_step()
             records.write(record)
             first, last_record = first or record, record
             if step_hook is not None:
-                step_hook(step, record)
+                step_hook(state.step, record)
             bar.update(1)
-            bar.set_postfix(task.progress(values), skipped=counters["bad_steps"])
-            if counters["bad_in_a_row"] >= loop.max_bad_steps:
-                if writer and candidate.is_file():
-                    os.replace(candidate, folder / DIVERGED)
-                raise TrainingStopped(stop_message(values))
-            if loop.save_every and step % loop.save_every == 0 and writer:
-                save(candidate, task.state(), step)
-                pending = step
-            if loop.keep_every and step % loop.keep_every == 0 and writer:
-                save(folder / f"step_{step:07d}.safetensors", task.kept_weights(), step)
-            if loop.sample_every and step % loop.sample_every == 0 and writer:
-                task.write_samples(out / "samples" / f"step_{step:07d}.png", step)
-        if pending != step and good_step != step:
-            if writer:
-                save(candidate, task.state(), step)
-            pending = step
-        if pending is not None:
-            # Nothing trains from the final weights: check them with a step that does not update.
-            jt.set_seed(jittor_seed(loop.seed, step, 1))
-            probe = task.step(step, update=False)
-            if probe.get("skipped") == NON_FINITE:
-                raise TrainingStopped(f"stopped at step {step}: the final weights give a non-finite loss or "
-                                      f"gradient; {stop_message(probe).split('; ', 1)[1]}")
-            promote()
-    return RunResult(step, counters["bad_steps"], str(last), first, last_record)
+            bar.set_postfix(task.progress(record), skipped=state.counters["bad_steps"])
+            state.check_guard(record)
+            state.after_step()
+        state.finish()
+    return RunResult(state.step, state.counters["bad_steps"], str(state.last), first, last_record)
 
 
 def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "ema",
