@@ -1,7 +1,7 @@
 """Prepare Jittor's environment; import this module before anything imports ``jittor``.
 
 Jittor reads its configuration from environment variables once, at import time, and on the
-machines we run on its defaults are harmful (DESIGN §7):
+machines we run on its defaults are harmful:
 
 * ``nvcc`` may be on disk without a GPU or a CUDA driver; Jittor then builds for CUDA and
   ``import jittor`` crashes. A usable GPU is detected by loading the driver (``libcuda.so.1``),

@@ -1,7 +1,7 @@
 """Multi-threaded CPU kernels for the U-Net's hot non-convolution ops (C++ and OpenMP via ``jt.code``).
 
 On the CPU Jittor runs its own generated kernels (element-wise ops, reductions, batched matmul)
-on one core; only oneDNN ops (convolution, 2-D matmul) use every core (DESIGN §7). The kernels
+on one core; only oneDNN ops (convolution, 2-D matmul) use every core. The kernels
 here are C++ with OpenMP in ``models/cpu_kernels.h``, run as ``jt.code`` ops (Jittor compiles CPU
 kernels with ``-fopenmp -Ofast -march=native``) whose source is a one-line call into that header,
 each wrapped in a ``jt.Function`` whose ``grad`` is another such op:

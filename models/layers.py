@@ -1,7 +1,7 @@
 """Small layers shared by the U-Net and the autoencoder, and the choice between two paths for each.
 
 Jittor's ``nn.GroupNorm`` computes the variance as E[x^2] - E[x]^2, which loses float32
-precision when the mean is large (error 3e-2 at input mean 100, DESIGN §7); the reference
+precision when the mean is large (error 3e-2 at input mean 100); the reference
 implementations (PyTorch) subtract the mean first. ``group_norm`` here is two-pass, so both agree
 to float32 precision.
 

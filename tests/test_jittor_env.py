@@ -145,7 +145,7 @@ def test_warm_up_command_prints_marker():
     assert result.stdout.startswith(jittor_env.READY_MARKER + " device=cpu")
 
 
-# ---- the numpy<2 trap (DESIGN §7): arrays from numpy must survive Jittor ops -----------------------
+# ---- the numpy<2 trap: arrays from numpy must survive Jittor ops -----------------------
 
 def test_numpy_is_below_2():
     assert int(np.__version__.split(".")[0]) < 2, "Jittor 1.3.11 corrupts arrays from numpy>=2"
