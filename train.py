@@ -2,6 +2,7 @@
 
     python train.py autoencoder --data TRAIN_ROOT --output_path RUN_DIR [--preset vq-f4|small|tiny] ...
     python train.py ldm --latents STORE --output_path RUN_DIR [--preset iidm|demo|tiny] ...
+    python train.py ldm --latents STORE --init unet.safetensors --output_path RUN_DIR ...   # fine-tune
     python train.py segmenter --data TRAIN_ROOT --output_path RUN_DIR [--widths 32,64,128,256,256] ...
     python train.py STAGE --output_path RUN_DIR --resume [--max_steps N ...]   # continue a run
 
@@ -54,6 +55,12 @@ def build_parser() -> cli.ArgumentParser:
                                                        "of them as IIDM's submission did (default 0: only last)")
     common.add_argument("--max_bad_steps", type=int, help="non-finite steps in a row that stop the run (default 10)")
     common.add_argument("--seed", type=int, help="fixes the initial weights and every random draw (default 0)")
+    init = parser.add_argument_group("autoencoder and ldm")
+    init.add_argument("--init", help="start a new run from this checkpoint's weights: for the autoencoder a vqmodel "
+                                     "with the --preset's architecture (e.g. converted vq-f4 weights); for ldm a "
+                                     "U-Net whose architecture, schedule and latent scale the run takes over (e.g. "
+                                     "converted IIDM weights or checkpoints/demo/unet.safetensors; a training "
+                                     "checkpoint gives its EMA weights)")
     data = parser.add_argument_group("autoencoder and segmenter")
     data.add_argument("--data", help="training root holding imgs/ and labels/")
     data.add_argument("--height", type=int, help="training image height (default 384)")
@@ -63,7 +70,6 @@ def build_parser() -> cli.ArgumentParser:
                                                    "LDM's vq-f4 config)")
     ae.add_argument("--lpips_vgg", help="torchvision VGG16 weights (vgg16-397923af.pth) for the LPIPS term")
     ae.add_argument("--lpips_heads", help="LPIPS linear heads (the lpips package's weights/v0.1/vgg.pth)")
-    ae.add_argument("--init", help="start from this vqmodel checkpoint (e.g. converted vq-f4 weights)")
     ae.add_argument("--codebook_restart", type=int, help="every N steps (and at step 0), set codes no position "
                                                          "chose since the last restart to encoder outputs of the "
                                                          "batch (default 0: off, as taming)")
@@ -89,7 +95,7 @@ def build_parser() -> cli.ArgumentParser:
 
 STAGE_OPTIONS = {
     "autoencoder": {"data", "height", "width", "disc_start", "lpips_vgg", "lpips_heads", "init", "codebook_restart"},
-    "ldm": {"latents", "mask_dropout", "ema_decay", "latent_scale", "grad_accum", "fp16", "grad_checkpoint", "vq"},
+    "ldm": {"init", "latents", "mask_dropout", "ema_decay", "latent_scale", "grad_accum", "fp16", "grad_checkpoint", "vq"},
     "segmenter": {"data", "height", "width", "widths"},
 }
 COMMON = ("batch_size", "lr", "max_steps", "save_every", "sample_every", "keep_every", "max_bad_steps", "seed")
@@ -115,6 +121,8 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 0:
             parser.error(f"--{name} must be >= 0, got {value}")
+    if args.resume and args.init:
+        parser.error("--init starts a new run from given weights; --resume continues the run in --output_path")
     if args.lr is not None and not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if (args.lpips_vgg is None) != (args.lpips_heads is None):
@@ -190,12 +198,24 @@ def ldm_stage(args) -> str:
     from ldm.training import TrainConfig, stored_config, train
     from models import UNetConfig, UNetModel, unet_preset
     from training.loop import materialize, seed_everything
+    from weights.checkpoint import load_checkpoint, load_weights
 
     if args.resume:
         unet_values, config, stored_latents = stored_config(args.output_path)
         unet_config = UNetConfig.from_dict(unet_values)
         if args.preset and unet_preset(args.preset, use_fp16=unet_config.use_fp16) != unet_config:
             raise ValueError(f"{args.output_path} trains another network than --preset {args.preset}; leave it out")
+    elif args.init:
+        start = load_checkpoint(args.init, "unet")
+        unet_config = replace(start.network_config(UNetConfig), use_fp16=args.fp16)
+        if args.preset and unet_preset(args.preset, use_fp16=args.fp16) != unet_config:
+            raise ValueError(f"--init {args.init} holds another network than --preset {args.preset}; leave "
+                             "--preset out (the run takes the checkpoint's architecture)")
+        diffusion = start.diffusion
+        if diffusion["space"] != "latent":
+            raise ValueError(f"--init {args.init}: a {diffusion['space']}-space U-Net, not a latent diffusion one")
+        config, stored_latents = TrainConfig(schedule=diffusion["schedule"],
+                                             latent_scale=diffusion["latent_scale"]), None
     else:
         unet_config = unet_preset(args.preset or "iidm", use_fp16=args.fp16)
         config, stored_latents = TrainConfig(), None
@@ -203,14 +223,19 @@ def ldm_stage(args) -> str:
     given = given_options(args, COMMON + ("mask_dropout", "ema_decay", "grad_accum"))
     given.update({flag: True for flag in ("fp16", "grad_checkpoint") if getattr(args, flag)})
     if args.latent_scale is not None:
-        if args.resume:
-            raise ValueError("--latent_scale cannot change when resuming: the network learnt that scale")
+        if args.resume or args.init:
+            raise ValueError(f"--latent_scale cannot change {'when resuming' if args.resume else 'with --init'}: "
+                             "the network learnt its scale")
         given["latent_scale"] = latent_scale_option(args.latent_scale, store)
     config = replace(config, **given)
     decode = sample_decoder(store, args.vq) if config.sample_every else None
     seed_everything(config.seed)
     unet = UNetModel(unet_config)
     materialize(unet)
+    if args.init:
+        load_weights(unet, start.weights("ema"), args.init)
+        logging.getLogger("iidm").info("starting from the weights of %s (latent scale %.6g)", args.init,
+                                       config.latent_scale)
     result = train(unet, store, args.output_path, config, decode=decode, resume=args.resume)
     return (f"LDM trained to step {result['step']} ({result['updates']} updates, {result['bad_steps']} skipped); "
             f"checkpoint {result['checkpoint']}")

@@ -480,3 +480,35 @@ def test_the_seed_fixes_a_whole_run(jt, store, tmp_path, stage):
     c, _ = read(tmp_path / "c" / "checkpoints" / "last.safetensors")
     first_conv = "model/input_blocks.0.0.weight" if stage == "ldm" else "model/encoder.conv_in.weight"
     assert not np.allclose(a[first_conv], c[first_conv], atol=1e-3)   # other initial weights, not just other data
+
+
+def test_init_starts_an_ldm_run_from_given_weights(jt, store, tmp_path, capsys):
+    """--init takes the checkpoint's weights, schedule and latent scale (a fine-tuning run); the
+    first step with a tiny learning rate leaves the weights where they were."""
+    import dataclasses
+
+    import train as train_cli
+    from ldm.schedule import ScheduleConfig
+    from weights.checkpoint import diffusion_section, module_arrays, save_checkpoint
+
+    unet = make_unet(jt, seed=3)
+    start = module_arrays(unet)
+    schedule = dataclasses.asdict(ScheduleConfig(num_timesteps=500))
+    save_checkpoint(tmp_path / "start.safetensors", start, "unet",
+                    {"network": unet.config.to_dict(), "diffusion": diffusion_section(schedule, "latent", 1.7)})
+    common = ["ldm", "--latents", str(store), "--init", str(tmp_path / "start.safetensors"), "--batch_size", "2",
+              "--max_steps", "1", "--save_every", "1", "--sample_every", "0", "--cpu"]
+    assert train_cli.main(common + ["--output_path", str(tmp_path / "run"), "--lr", "1e-12"]) == 0
+    arrays, info = read(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert info["config"]["diffusion"]["latent_scale"] == 1.7
+    assert info["config"]["diffusion"]["schedule"]["num_timesteps"] == 500
+    assert info["config"]["network"] == unet.config.to_dict()
+    for name, value in start.items():
+        np.testing.assert_allclose(arrays[f"model/{name}"], value, atol=1e-9, err_msg=name)
+    for bad, message in ((["--preset", "demo"], "another network than --preset demo"),
+                         (["--latent_scale", "2"], "--latent_scale cannot change with --init")):
+        assert train_cli.main(common + ["--output_path", str(tmp_path / "x"), *bad]) == 1
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(common + ["--output_path", str(tmp_path / "run"), "--resume"])
+    assert exit_.value.code == 2 and "--init starts a new run" in capsys.readouterr().err
