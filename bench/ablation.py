@@ -3,7 +3,7 @@
     python -m bench.ablation --ckpt unet.safetensors --vq vq.safetensors \
         --input_path data/synthetic/test/labels --img_path data/synthetic/train --output_path outputs/ablation \
         [--average a.safetensors --average b.safetensors] [--segmenter seg.safetensors] \
-        [--ground_truth data/synthetic/test/imgs] [--steps 12] [--limit 16] [--with_iidm]
+        [--ground_truth data/synthetic/test/imgs] [--steps 12] [--limit 16] [--with_fastest] [--with_iidm]
 
 Rows, each adding one of the paper's steps to the row before:
 
@@ -14,9 +14,11 @@ Rows, each adding one of the paper's steps to the row before:
     + colour transfer  the previous output is colour-transferred toward the reference before each
                        refinement round (the full recipe)
     + averaged ckpts   the same with the --ckpt and --average checkpoints averaged (when given)
+    fastest            the full recipe with the `fastest` preset's rounds, 30 U-Net passes (with
+                       --with_fastest)
     iidm (DDIM)        the official recipe itself, 1280 U-Net passes (with --with_iidm)
 
-All rows but the last run the `fast` preset's rounds (ldm.pipeline.fast_rounds: DPM-Solver++(3M),
+All rows but the last two run the `fast` preset's rounds (ldm.pipeline.fast_rounds: DPM-Solver++(3M),
 3M and UniPC-2 over 12, 12 and 6 logSNR steps down to t = 4; --steps sets one step count for
 every round), and the pure-noise round runs round 0's solver, steps and grid from T - 1, so the
 rows differ only in what the paper ablates. Every image keeps its own seed across rows. Outputs
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, help="use the first N masks only")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--with_fastest", action="store_true",
+                        help="also run the full recipe with the fastest preset (30 U-Net passes per image)")
     parser.add_argument("--with_iidm", action="store_true",
                         help="also run the official recipe (DDIM, 1280 U-Net passes per image)")
     jittor_env.add_arguments(parser)
@@ -120,6 +124,8 @@ def main(argv=None) -> int:
     plans = [(name, generator, rounds) for name, rounds in rows.items()]
     if args.average:
         plans.append(("+ averaged ckpts", Generator([args.ckpt, *args.average], args.vq), rows["+ colour transfer"]))
+    if args.with_fastest:
+        plans.append(("fastest", generator, pipeline.fastest_rounds(generator.schedule)))
     if args.with_iidm:
         plans.append(("iidm (DDIM)", generator, pipeline.iidm_rounds(generator.schedule.num_timesteps)))
     segmenter = load_segmenter(args.segmenter) if args.segmenter else None
