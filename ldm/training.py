@@ -271,8 +271,9 @@ class LDMTask(Task):
         rank = jt.rank if jt.in_mpi else 0
         micro = cfg.batch_size // (cfg.grad_accum * world)
         grads: list[jt.Var] | None = None
-        per_sample = {k: [] for k in TERMS}
-        t_seen = []
+        # Each term per sample of the global batch: this rank fills its own positions, the other
+        # ranks' are summed in below, so every rank logs (and decides on) the same global values.
+        per_sample: dict[str, np.ndarray] = {}
         for k in range(cfg.grad_accum):
             start = (k * world + rank) * micro
             part = slice(start, start + micro)
@@ -281,28 +282,25 @@ class LDMTask(Task):
             jt.sync([*terms.values(), *grads])
             for name in TERMS:
                 if name in terms:
-                    per_sample[name].append(terms[name].numpy())
-            t_seen.append(batch.t[part])
+                    per_sample.setdefault(name, np.zeros(cfg.batch_size, np.float64))[part] = terms[name].numpy()
         if jt.in_mpi:
             grads = [g.mpi_all_reduce("mean") for g in grads]
+            names = list(per_sample)
+            gathered = jt.array(np.stack([per_sample[n] for n in names]).astype(np.float32)).mpi_all_reduce("add")
+            per_sample = dict(zip(names, gathered.numpy().astype(np.float64)))
         if scale != 1.0:
             grads = [g / scale for g in grads]
         sq = sum((g * g).sum() for g in grads)
-        loss_var = jt.array(np.array([np.mean(np.concatenate(per_sample["loss"]))], dtype=np.float32))
-        if jt.in_mpi:
-            loss_var = loss_var.mpi_all_reduce("mean")
-        jt.sync([sq, loss_var, *grads])
+        jt.sync([sq, *grads])
         values: dict[str, Any] = {}
-        quartile = np.concatenate(t_seen) * 4 // cfg.schedule.num_timesteps
-        for name, chunks in per_sample.items():
-            if chunks:
-                samples = np.concatenate(chunks)
-                values[name] = float(samples.mean())
-                for q in range(4):
-                    if (quartile == q).any():
-                        values[f"{name}_q{q}"] = float(samples[quartile == q].mean())
+        quartile = batch.t[:cfg.batch_size] * 4 // cfg.schedule.num_timesteps
+        for name, samples in per_sample.items():
+            values[name] = float(samples.mean())
+            for q in range(4):
+                if (quartile == q).any():
+                    values[f"{name}_q{q}"] = float(samples[quartile == q].mean())
         values["grad_norm"] = math.sqrt(float(sq.item())) if np.isfinite(sq.item()) else float("inf")
-        return grads, values, float(loss_var.item())
+        return grads, values, values["loss"]
 
     def _micro_batch(self, batch: Batch, part: slice, scale: float) -> tuple[dict[str, jt.Var], list[jt.Var]]:
         """The loss terms [b] and the float32 gradients of one micro-batch's scaled mean loss."""

@@ -1,11 +1,8 @@
 """The LDM training loop on a tiny U-Net and an 8x12 latent store: learning, EMA math, bit-exact
-resume, atomic checkpoints, the NaN guard, gradient accumulation, mask dropout, the CLI, MPI."""
+resume, atomic checkpoints, the NaN guard, gradient accumulation, mask dropout, the CLI (MPI: tests/test_mpi.py)."""
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -366,55 +363,6 @@ def test_train_cli_ldm_stage(jt, store, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         train_cli.main(["ldm", "--latents", str(tmp_path / "none"), "--out", str(tmp_path / "x"), "--cpu"])
     assert exit_.value.code == 2 and "--latents" in capsys.readouterr().err
-
-
-MPI_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, {repo!r})
-import jittor_env
-jt = jittor_env.setup(force_cpu=True)
-import numpy as np
-from models import UNetModel, unet_preset
-from ldm.training import TrainConfig, train
-jt.set_global_seed(0)   # different per rank (Jittor adds the rank): the loop must broadcast rank 0's weights
-unet = UNetModel(unet_preset("tiny"))
-cfg = TrainConfig(batch_size=4, lr=1e-3, max_steps=2, save_every=2, sample_every=0, mask_dropout=0.0, ema_decay=0.9)
-result = train(unet, {store!r}, {out!r}, cfg, progress=False)
-digest = float(sum(float(np.abs(p.numpy()).astype(np.float64).sum()) for p in unet.parameters()))
-print("RESULT", json.dumps({{"rank": jt.rank, "world": jt.world_size, "step": result["step"],
-                            "updates": result["updates"], "digest": digest}}), flush=True)
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI (apt install openmpi-bin libopenmpi-dev)")
-def test_two_mpi_ranks_agree_and_only_rank_0_writes(jt, store, tmp_path):
-    from ldm.training import train
-
-    script = tmp_path / "mpi_train.py"
-    out = tmp_path / "mpi_run"
-    script.write_text(MPI_SCRIPT.format(repo=str(REPO), store=str(store), out=str(out)))
-    command = ["mpirun", "-np", "2", sys.executable, str(script)]
-    if os.geteuid() == 0:
-        command.insert(1, "--allow-run-as-root")
-    env = {k: v for k, v in os.environ.items() if k != "use_mpi"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in done.stdout.splitlines() if "RESULT " in line]
-    assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
-    assert results[0]["step"] == results[1]["step"] == 2 and results[0]["updates"] == results[1]["updates"] == 2
-    assert results[0]["digest"] == results[1]["digest"]
-    log = (out / "log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == [1, 2]          # one writer, not two
-    # Two ranks with 2 samples each = one process with the batch of 4.
-    single = tmp_path / "single"
-    train(make_unet(jt), store, single, config(batch_size=4, mask_dropout=0.0, max_steps=2, save_every=2),
-          progress=False)
-    a, _ = read(out / "checkpoints" / "last.safetensors")
-    b, _ = read(single / "checkpoints" / "last.safetensors")
-    for name in a:
-        if name.startswith("model/"):
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_gradient_checkpointing_trains_like_the_plain_loop(jt, store, tmp_path):
