@@ -175,3 +175,86 @@ def test_cuda_is_used_when_a_gpu_is_usable(jt):
     assert jittor_env.choose_device().use_cuda and jt.flags.use_cuda == 1
     x = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
     np.testing.assert_allclose((jt.array(x) @ jt.array(x)).numpy(), x.astype(np.float64) @ x, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------ CUDA set-up checks
+H100 = jittor_env.GPU("NVIDIA H100 80GB HBM3", (9, 0), 80 * 2 ** 30)
+
+
+def all_cudnn(dirs, name):
+    return f"{dirs[0]}/{name}"
+
+
+def no_file(dirs, name):
+    return ""
+
+
+def test_a_good_cuda_12_setup_has_no_problem():
+    assert jittor_env.cuda_problems("/usr/local/cuda/bin/nvcc", (12, 4), (12, 6), [H100], environ={},
+                                    find_file=all_cudnn) == []
+
+
+@pytest.mark.parametrize("nvcc_ver, driver_ver, gpu, words", [
+    ((13, 0), (13, 0), H100, ["CUDA 13.0", "up to 12.x", "nvcc_path="]),
+    ((11, 7), (12, 2), H100, ["sm_90", "needs nvcc 11.8 or newer", "nvcc_path"]),
+    ((12, 4), (12, 4), jittor_env.GPU("B200", (10, 0), 1), ["sm_100", "needs nvcc 12.8"]),
+    ((12, 4), (12, 2), H100, ["driver supports CUDA up to 12.2", "toolkit <= 12.2"]),
+])
+def test_cuda_problems_say_what_to_set(nvcc_ver, driver_ver, gpu, words):
+    problems = jittor_env.cuda_problems("/opt/cuda/bin/nvcc", nvcc_ver, driver_ver, [gpu], environ={},
+                                        find_file=all_cudnn)
+    assert len(problems) == 1, problems
+    assert all(word in problems[0] for word in words), problems[0]
+
+
+def test_missing_cudnn_8_is_named_with_the_places_searched():
+    (problem,) = jittor_env.cuda_problems("/opt/cuda/bin/nvcc", (12, 4), (12, 4), [H100], environ={},
+                                          find_file=no_file)
+    assert "cuDNN 8 not found" in problem and "libcudnn_cnn_train.so" in problem and "/opt/cuda/lib64" in problem
+    assert "jittor_utils.install_cuda" in problem
+
+
+def test_mpi_ranks_beyond_the_gpus_and_nccl_download_are_reported(monkeypatch):
+    monkeypatch.setattr(jittor_env.os.path, "expanduser", lambda path: "/nonexistent/libnccl.so")
+    environ = {"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}
+    problems = jittor_env.cuda_problems("/opt/cuda/bin/nvcc", (12, 4), (12, 4), [H100, H100], environ=environ,
+                                        find_file=all_cudnn)
+    assert any("4 MPI ranks on this machine share 2 GPU(s)" in p and "mpirun -np 2" in p for p in problems)
+    assert any("NCCL" in p and "nccl_lib_path=" in p and "use_nccl" not in p for p in problems)
+    quiet = jittor_env.cuda_problems("/opt/cuda/bin/nvcc", (12, 4), (12, 4), [H100, H100],
+                                     environ={**environ, "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "use_nccl": "0"},
+                                     find_file=all_cudnn)
+    assert quiet == []
+
+
+def test_nvcc_version_is_read_from_nvcc(fake_nvcc):
+    assert jittor_env.nvcc_version(str(fake_nvcc)) == (12, 4)
+    assert jittor_env.nvcc_version("/nonexistent/nvcc") is None
+
+
+def test_gpu_facts_from_a_faked_driver():
+    class Driver(FakeDriver):
+        def cuDriverGetVersion(self, pointer):
+            pointer._obj.value = 12040
+            return 0
+
+        def cuDeviceGet(self, pointer, index):
+            pointer._obj.value = index
+            return 0
+
+        def cuDeviceGetName(self, buffer, size, device):
+            buffer.value = b"NVIDIA H200"
+            return 0
+
+        def cuDeviceGetAttribute(self, pointer, attribute, device):
+            pointer._obj.value = {75: 9, 76: 0}[attribute]
+            return 0
+
+        def cuDeviceTotalMem_v2(self, pointer, device):
+            pointer._obj.value = 141 * 2 ** 30
+            return 0
+
+    driver_version, gpus = jittor_env.gpu_facts(loader_for(Driver(count=1)))
+    assert driver_version == (12, 4)
+    assert gpus == [jittor_env.GPU("NVIDIA H200", (9, 0), 141 * 2 ** 30)]
+    assert jittor_env.gpu_facts(loader_for(None)) == (None, [])
