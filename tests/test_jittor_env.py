@@ -258,3 +258,24 @@ def test_gpu_facts_from_a_faked_driver():
     assert driver_version == (12, 4)
     assert gpus == [jittor_env.GPU("NVIDIA H200", (9, 0), 141 * 2 ** 30)]
     assert jittor_env.gpu_facts(loader_for(None)) == (None, [])
+
+
+def test_a_system_nccl_is_used_under_mpirun_on_cuda(monkeypatch):
+    monkeypatch.setattr(jittor_env, "system_nccl", lambda: ("/usr/include", "/usr/lib/x86_64-linux-gnu"))
+    choice = jittor_env.DeviceChoice(True, "test", gpu_count=2, nvcc_path="/opt/cuda/bin/nvcc")
+    environ = {"OMPI_COMM_WORLD_SIZE": "2"}
+    jittor_env.configure_environ(choice, environ=environ)
+    assert environ["nccl_include_path"] == "/usr/include"
+    assert environ["nccl_lib_path"] == "/usr/lib/x86_64-linux-gnu"
+    for outside in ({}, {"OMPI_COMM_WORLD_SIZE": "2", "use_nccl": "0"}):   # no mpirun, or NCCL switched off
+        jittor_env.configure_environ(choice, environ=outside)
+        assert "nccl_lib_path" not in outside
+
+
+def test_system_nccl_needs_both_header_and_library():
+    def finder(files):
+        return lambda dirs, name: next((f"{d}/{name}" for d in dirs if f"{d}/{name}" in files), "")
+
+    both = {"/usr/include/nccl.h", "/usr/lib/x86_64-linux-gnu/libnccl.so"}
+    assert jittor_env.system_nccl(finder(both)) == ("/usr/include", "/usr/lib/x86_64-linux-gnu")
+    assert jittor_env.system_nccl(finder({"/usr/include/nccl.h"})) is None
