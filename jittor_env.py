@@ -15,6 +15,11 @@ machines we run on its defaults are harmful:
 
 oneDNN for the CPU comes from the ``jittor-offline`` package, so nothing is downloaded.
 
+On CUDA, ``setup`` first checks what would stop Jittor's JIT (``cuda_problems``: a CUDA 13
+toolkit, an nvcc too old for the GPU generation, a driver older than the toolkit, cuDNN 8 missing,
+more MPI ranks than GPUs, NCCL to download) and logs each with what to set; if the import still
+fails, the error repeats them. Under ``mpirun`` a system NCCL is handed to Jittor when present.
+
 Usage (entry points and tests do this first)::
 
     import jittor_env
