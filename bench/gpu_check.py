@@ -20,7 +20,10 @@ Steps, each bounded by its share of ``--budget_s`` (what a deadline cuts is repo
    time for 1000 test images.
 
 Writes OUTPUT/gpu_check.json and OUTPUT/gpu_check.md (rows for docs/benchmarks.md). Each
-measurement runs in a process of its own, so an out-of-memory error ends only its ramp.
+measurement runs in a process of its own, so an out-of-memory error ends only its ramp. The first
+run on a machine also compiles Jittor's CUDA kernels for every shape it meets (cached in
+~/.cache/jittor); what the budget cuts short is marked ``deadline`` or ``timed out``, and a second
+run, or a larger ``--budget_s``, completes it.
 """
 
 from __future__ import annotations
