@@ -164,8 +164,11 @@ def train_worker(args) -> None:
                 return
             finally:
                 del task
-                jt.sync_all(True)
-                jt.gc()
+                try:
+                    jt.sync_all(True)
+                    jt.gc()
+                except Exception:  # after an out-of-memory error this may fail again; the ramp ends anyway
+                    pass
 
 
 def infer_worker(args) -> None:
@@ -347,7 +350,7 @@ def training_section(sizes: dict, dry_run: bool, deadline: float) -> dict:
             "largest_batch_whole_device": max((r["batch"] for r in fitted), default=None),
             "whole_device_limit": "next batch out of memory" if any(r["status"] == "oom" for r in rows) else
                                   "limit not reached: deadline or end of the list",
-            "largest_batch_24GB": max((r["batch"] for r in fitted if (r["memory_bytes"] or 0) <= CARD_24GB),
+            "largest_batch_24GB": max((r["batch"] for r in fitted if r["memory_bytes"] is not None and r["memory_bytes"] <= CARD_24GB),
                                       default=None)}
         for r in rows:
             extra = (f"{r['seconds']:.3f} s/step, {r['samples_per_s']:.2f} samples/s, {fmt_gib(r['memory_bytes'])} "
