@@ -48,6 +48,12 @@ def test_training_rows_are_consistent(dry_run):
             assert r["loss"] > 0 and r["skipped"] is None
         assert report["training"][mode]["largest_batch_whole_device"] == max(r["batch"] for r in ok)
         assert report["training"][mode]["largest_batch_24GB"] == max(r["batch"] for r in ok)   # tiny: far below
+        (b1, m1), (b2, m2) = [(r["batch"], r["memory_bytes"]) for r in ok[:2]]
+        estimated = report["training"][mode]["largest_batch_24GB_estimated"]
+        if m2 > m1:   # the line through two points: memory = m1 + (b - b1) (m2 - m1) / (b2 - b1)
+            assert abs(estimated - (b1 + (23.5 * 2 ** 30 - m1) * (b2 - b1) / (m2 - m1))) <= 1
+        else:
+            assert estimated is None
 
 
 def test_generation_rows_are_consistent(dry_run):
