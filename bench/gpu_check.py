@@ -346,11 +346,13 @@ def tests_section(deadline: float, dry_run: bool) -> dict:
 def training_section(sizes: dict, dry_run: bool, deadline: float) -> dict:
     modes = [(precision, checkpoint) for precision in sizes["precisions"] for checkpoint in (False, True)]
     out = {}
+    for precision, checkpoint in modes:
+        if precision == "fp16" and dry_run:
+            out[f"{precision}{' grad_checkpoint' if checkpoint else ''}"] = {"status": "skipped: fp16 needs CUDA",
+                                                                             "rows": []}
+    modes = [(p, c) for p, c in modes if f"{p}{' grad_checkpoint' if c else ''}" not in out]
     for index, (precision, checkpoint) in enumerate(modes):
         name = f"{precision}{' grad_checkpoint' if checkpoint else ''}"
-        if precision == "fp16" and dry_run:
-            out[name] = {"status": "skipped: fp16 needs CUDA", "rows": []}
-            continue
         share = time.time() + (deadline - time.time()) / (len(modes) - index)
         options = ["--preset", sizes["preset"], "--precision", precision,
                    "--latent", f"{sizes['latent'][0]}x{sizes['latent'][1]}",
