@@ -345,6 +345,7 @@ def tests_section(deadline: float, dry_run: bool) -> dict:
 
 def training_section(sizes: dict, dry_run: bool, deadline: float) -> dict:
     modes = [(precision, checkpoint) for precision in sizes["precisions"] for checkpoint in (False, True)]
+    order = [f"{p}{' grad_checkpoint' if c else ''}" for p, c in modes]
     out = {}
     for precision, checkpoint in modes:
         if precision == "fp16" and dry_run:
@@ -374,7 +375,7 @@ def training_section(sizes: dict, dry_run: bool, deadline: float) -> dict:
             print(f"train {sizes['preset']} {name} batch {r['batch']}: {r['status']} {extra}", flush=True)
         if problem:
             print(f"train {name}: worker {problem}", flush=True)
-    return out
+    return {name: out[name] for name in order}
 
 
 def inference_section(sizes: dict, dry_run: bool, deadline: float) -> dict:
