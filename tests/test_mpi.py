@@ -1,7 +1,9 @@
 """Two MPI ranks for real (``mpirun -np 2``, OpenMPI), on the CPU with tiny models:
 
-* ``train.py ldm``: the ranks split the global batch and average their gradients, so two ranks
-  with batch 4 train the same weights as one process with batch 4, and only rank 0 writes;
+* ``train.py ldm``: ``--batch_size`` is the global batch; the ranks split it and average their
+  gradients, so two ranks of 2 samples each (``--batch_size 4``) train the same weights as one
+  process at twice a rank's batch (4), the log holds the whole batch's mean loss, and only rank 0
+  writes;
 * ``infer.py``: each rank generates its share of the masks, and the outputs are those of one
   process.
 
