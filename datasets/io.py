@@ -91,6 +91,28 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike, older_than: float | None = None) -> int:
+    """Delete the temporary files that writes killed midway left in ``folder`` (``atomic_write``'s
+    ``.NAME.*.tmp``); returns how many. With ``older_than`` (a ``time.time()`` value) only files
+    last modified before it go, so the writes under way in other processes of the same run (MPI
+    ranks that started at that time) keep theirs."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for path in folder.glob(".*.tmp"):
+        try:
+            if older_than is not None and path.stat().st_mtime >= older_than:
+                continue
+            path.unlink()
+            removed += 1
+        except OSError:      # gone already (another process removed it) or not ours to remove
+            pass
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted write", folder, removed)
+    return removed
+
+
 def _atomic_save(image: Image.Image, path: Path, **params) -> None:
     with atomic_write(path) as f:
         image.save(f, format=params.pop("format"), **params)
