@@ -7,6 +7,7 @@ same folder, then rename) so a killed run never leaves a half-written output beh
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import tempfile
@@ -91,16 +92,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         raise
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, older_than: float | None = None) -> int:
+def remove_stale_temporaries(folder: str | os.PathLike, older_than: float | None = None,
+                             name: str | None = None) -> int:
     """Delete the temporary files that writes killed midway left in ``folder`` (``atomic_write``'s
-    ``.NAME.*.tmp``); returns how many. With ``older_than`` (a ``time.time()`` value) only files
-    last modified before it go, so the writes under way in other processes of the same run (MPI
-    ranks that started at that time) keep theirs."""
+    ``.NAME.*.tmp``; only those of the file ``name`` when given); returns how many. With
+    ``older_than`` (a ``time.time()`` value) only files last modified before it go, so the writes
+    under way in other processes of the same run (MPI ranks that started at that time) keep theirs."""
     removed = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    for path in folder.glob(".*.tmp"):
+    for path in folder.glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"):
         try:
             if older_than is not None and path.stat().st_mtime >= older_than:
                 continue
