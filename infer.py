@@ -26,7 +26,7 @@ from pathlib import Path
 import cli
 import jittor_env
 from datasets import DataError
-from datasets.io import atomic_write, remove_stale_temporaries
+from datasets.io import remove_stale_temporaries
 from datasets.landscape import MAPPING_FILE
 from synthesis.batch import BatchReport, Job, generate_jobs, list_jobs, parse_size, shard
 from synthesis.demo import DEMO_CHECKPOINT, DEMO_OUTPUT, DEMO_VQ, no_model_message, prepare_demo
@@ -140,12 +140,15 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
 
 def writable(folder: Path) -> str | None:
     """Why nothing can be written in ``folder`` (created if needed), or None. The probe file is
-    named after the process, so MPI ranks probing one folder at once do not remove each other's."""
+    named after the process, so MPI ranks probing one folder at once do not remove each other's,
+    and is no temporary file (``.*.tmp``), so no rank's sweep of stale temporaries takes it."""
     probe = folder / f".write-test.{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_write(probe, "w") as f:
+        with open(probe, "w") as f:
             f.write("ok")
+            f.flush()
+            os.fsync(f.fileno())
         probe.unlink()
     except OSError as exc:
         return f"{folder}: cannot write there ({exc.strerror or exc})"
@@ -192,12 +195,11 @@ def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int, started
             problem = writable(output_dir)
         if problem:
             raise DataError(problem)
-        before = started - 2.0    # file systems with coarse timestamps may date a new file a little early
         if quick:     # a folder of the user's: only this output's own temporaries
-            remove_stale_temporaries(args.output_path.parent, before, name=args.output_path.name)
+            remove_stale_temporaries(args.output_path.parent, started, name=args.output_path.name)
         elif rank == 0:
             for where in (output_dir, output_dir / ROUNDS_FOLDER):
-                remove_stale_temporaries(where, before)
+                remove_stale_temporaries(where, started)
     except DataError as exc:
         raise Stop(f"infer.py: {exc}") from None
     return jobs, source, output_dir
