@@ -95,6 +95,26 @@ def test_no_good_checkpoint_yet_is_said_plainly(jt, tmp_path):
     assert not (tmp_path / "checkpoints" / LAST).exists()
 
 
+def test_the_stop_message_never_names_a_checkpoint_that_is_not_there(jt, tmp_path):
+    """Resumed from an unproven candidate while last.safetensors is gone: when the run then
+    diverges, no good checkpoint exists, and the message says so instead of naming last."""
+    class Killed(Exception):
+        pass
+
+    class KilledInStep5(Toy):
+        def step(self, step, update=True):
+            if step == 4:
+                raise Killed
+            return super().step(step, update)
+
+    with pytest.raises(Killed):
+        run(KilledInStep5(), tmp_path, loop(max_steps=6), progress=False)
+    (tmp_path / "checkpoints" / LAST).unlink()
+    with pytest.raises(TrainingStopped) as stopped:
+        run(Toy(poison=range(4, 100)), tmp_path, loop(max_steps=10), resume=True, progress=False)
+    assert "no good checkpoint exists yet" in str(stopped.value) and LAST not in str(stopped.value)
+
+
 def test_final_weights_are_checked_before_they_become_last(jt, tmp_path):
     with pytest.raises(TrainingStopped, match="final weights give a non-finite loss"):
         run(Toy(wreck={5}, poison=range(6, 10)), tmp_path, loop(max_steps=6, save_every=0), progress=False)
