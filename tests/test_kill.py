@@ -24,6 +24,16 @@ MAX_KILLS_PER_RUN = 12     # then the run is let finish (every restart would oth
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def default_sigchld():
+    """Jittor, once it has run anything in this process (another test of the session), handles
+    SIGCHLD by ending the process when a child dies of SIGKILL: here the kills are meant. Its
+    handler is installed from C, so Python reports the default and the default is put back."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+
+
 def launch(args):
     return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "IIDM_FORCE_CPU": "1"})
@@ -116,22 +126,39 @@ def test_kill_train_autoencoder(tmp_path):
     assert kill_training(tmp_path, common, longest=10.0, seed=2) >= KILLS
 
 
-def test_kill_infer(tmp_path, jt):
-    from autoencoder.vqmodel import VQModel, save_vqmodel, vq_config
-    from datasets.synthetic import write_dataset
-    from models import UNetModel, unet_preset
-    from models.unet import PRESET_DIFFUSION
-    from weights.checkpoint import module_arrays, save_checkpoint
+MODELS_SCRIPT = """
+import sys
+from pathlib import Path
 
-    jt.set_global_seed(0)
-    config = unet_preset("tiny")
-    arrays = module_arrays(UNetModel(config))
-    rng = np.random.default_rng(0)
-    arrays = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("out.") else v
-              for k, v in arrays.items()}
-    save_checkpoint(tmp_path / "unet.safetensors", arrays, kind="unet",
-                    config={"network": config.to_dict(), "diffusion": PRESET_DIFFUSION["iidm"]})
-    save_vqmodel(VQModel(vq_config("tiny")), tmp_path / "vq.safetensors")
+import numpy as np
+
+import jittor_env
+
+jt = jittor_env.setup(force_cpu=True)
+from autoencoder.vqmodel import VQModel, save_vqmodel, vq_config
+from models import UNetModel, unet_preset
+from models.unet import PRESET_DIFFUSION
+from weights.checkpoint import module_arrays, save_checkpoint
+
+folder = Path(sys.argv[1])
+jt.set_global_seed(0)
+config = unet_preset("tiny")
+arrays = module_arrays(UNetModel(config))
+rng = np.random.default_rng(0)
+# the zero-initialised last layer made random, so the network's output is not zero
+arrays = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("out.") else v
+          for k, v in arrays.items()}
+save_checkpoint(folder / "unet.safetensors", arrays, kind="unet",
+                config={"network": config.to_dict(), "diffusion": PRESET_DIFFUSION["iidm"]})
+save_vqmodel(VQModel(vq_config("tiny")), folder / "vq.safetensors")
+"""
+
+
+def test_kill_infer(tmp_path):
+    # Jittor is kept out of this process: it takes SIGCHLD, and a killed child would end the test.
+    from datasets.synthetic import write_dataset
+
+    finish(["-c", MODELS_SCRIPT, str(tmp_path)])
     write_dataset(tmp_path / "data", 3, 16, 24, seed=0, n_test=8)
     common = ["infer.py", "--input_path", str(tmp_path / "data" / "test" / "labels"),
               "--img_path", str(tmp_path / "data" / "train"), "--ckpt", str(tmp_path / "unet.safetensors"),
