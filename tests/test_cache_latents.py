@@ -188,3 +188,20 @@ def test_caching_refuses_a_non_finite_latent_naming_the_photo(setup, tmp_path, m
         cache_latents(root / "data" / "train", root / "vq.safetensors", tmp_path / "store", HEIGHT, WIDTH,
                       batch_size=BATCH, progress=False)
     assert items_done(tmp_path / "store") == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--height", "0"], "--height must be >= 1"),
+    (["--vq", "/nonexistent/vq.safetensors"], "--vq /nonexistent/vq.safetensors: not found"),
+])
+def test_bad_options_exit_2_before_anything_loads(tmp_path, capsys, options, message):
+    from tools.cache_latents import main
+
+    base = {"--data": str(tmp_path), "--vq": str(tmp_path), "--output_path": str(tmp_path / "store")}
+    given = dict(zip(options[::2], options[1::2]))
+    argv = [item for key, value in {**base, **given}.items() for item in (key, value)]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--cpu"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()

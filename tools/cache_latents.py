@@ -187,6 +187,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=8, help="photos per encoder call (x2 with the flips)")
     jittor_env.add_arguments(parser)
     args = parser.parse_args(argv)
+    for name in ("height", "width", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("data", "vq"):
+        if not os.path.exists(getattr(args, name)):
+            parser.error(f"--{name} {getattr(args, name)}: not found")
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     try:
