@@ -26,7 +26,7 @@ from pathlib import Path
 import cli
 import jittor_env
 from datasets import DataError
-from datasets.io import remove_stale_temporaries
+from datasets.io import remove_stale_temporaries, temporaries_of
 from datasets.landscape import MAPPING_FILE
 from synthesis.batch import BatchReport, Job, generate_jobs, list_jobs, parse_size, shard
 from synthesis.demo import DEMO_CHECKPOINT, DEMO_OUTPUT, DEMO_VQ, no_model_message, prepare_demo
@@ -40,6 +40,7 @@ FAILED = 1    # exit status: bad files, or some images failed
 USAGE = 2     # exit status: bad options (argparse's)
 QUALITY = {"iidm": 75}  # the official submission wrote PIL's default JPEG quality; others 95
 DEFAULT_QUALITY = 95
+PROBE = ".write-test"   # the writability probe, OUTPUT/.write-test.PID
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -142,7 +143,7 @@ def writable(folder: Path) -> str | None:
     """Why nothing can be written in ``folder`` (created if needed), or None. The probe file is
     named after the process, so MPI ranks probing one folder at once do not remove each other's,
     and is no temporary file (``.*.tmp``), so no rank's sweep of stale temporaries takes it."""
-    probe = folder / f".write-test.{os.getpid()}"
+    probe = folder / f"{PROBE}.{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(probe, "w") as f:
@@ -180,8 +181,8 @@ def model_files(args) -> tuple[list[Path], Path]:
 
 def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int, started: float):
     """(this rank's jobs, (masks folder, training root, mapping) or None for one image, output folder);
-    the output folder is checked to be writable, and rank 0 removes the temporary files that a
-    killed run left there (those older than ``started``, the time this run began)."""
+    the output folder is checked to be writable, and rank 0 removes the temporary files and probes
+    that a killed run left there (those older than ``started``, the time this run began)."""
     output_dir = args.output_path or DEMO_OUTPUT
     try:
         if quick:
@@ -196,10 +197,11 @@ def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int, started
         if problem:
             raise DataError(problem)
         if quick:     # a folder of the user's: only this output's own temporaries
-            remove_stale_temporaries(args.output_path.parent, started, name=args.output_path.name)
+            remove_stale_temporaries(args.output_path.parent, started, temporaries_of(args.output_path.name))
         elif rank == 0:
             for where in (output_dir, output_dir / ROUNDS_FOLDER):
                 remove_stale_temporaries(where, started)
+            remove_stale_temporaries(output_dir, started, f"{PROBE}.*")
     except DataError as exc:
         raise Stop(f"infer.py: {exc}") from None
     return jobs, source, output_dir

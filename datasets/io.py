@@ -92,17 +92,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
         raise
 
 
+TEMPORARIES = ".*.tmp"    # atomic_write's temporary files: .NAME.XXXXXXXX.tmp
+
+
+def temporaries_of(name: str) -> str:
+    """The glob of ``atomic_write``'s temporary files for a file called ``name``."""
+    return f".{glob.escape(name)}.*.tmp"
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, older_than: float | None = None,
-                             name: str | None = None) -> int:
-    """Delete the temporary files that writes killed midway left in ``folder`` (``atomic_write``'s
-    ``.NAME.*.tmp``; only those of the file ``name`` when given); returns how many. With
-    ``older_than`` (a ``time.time()`` value) only files last modified before it go, so the writes
-    under way in other processes of the same run (MPI ranks that started at that time) keep theirs."""
+                             pattern: str = TEMPORARIES) -> int:
+    """Delete the files matching ``pattern`` (by default every temporary file of ``atomic_write``)
+    that writes killed midway left in ``folder``; returns how many. With ``older_than`` (a
+    ``time.time()`` value) only files last modified before it go, so the writes under way in other
+    processes of the same run (MPI ranks that started at that time) keep theirs."""
     removed = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    for path in folder.glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"):
+    for path in folder.glob(pattern):
         try:
             if older_than is not None and path.stat().st_mtime >= older_than:
                 continue

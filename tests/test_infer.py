@@ -340,14 +340,15 @@ def test_temporaries_of_a_killed_run_are_removed_and_live_ones_kept(tmp_path, mo
     (out / "rounds").mkdir(parents=True)
     for name in ("00003.jpg", "00004.jpg"):
         Image.new("RGB", (WIDTH, HEIGHT)).save(out / name)
-    stale = [out / ".00003.jpg.k1ll3d.tmp", out / "rounds" / ".00003_round0.jpg.k1ll3d.tmp"]
+    stale = [out / ".00003.jpg.k1ll3d.tmp", out / "rounds" / ".00003_round0.jpg.k1ll3d.tmp", out / ".write-test.7"]
     live = [out / ".00004.jpg.l1v3.tmp", out / ".write-test.1"]
     for path in stale + live:
         path.write_bytes(b"part")
     an_hour_ago = time.time() - 3600
     for path in stale:
         os.utime(path, (an_hour_ago, an_hour_ago))
-    os.utime(live[0], (time.time() + 60,) * 2)
+    for path in live:
+        os.utime(path, (time.time() + 60,) * 2)
     assert infer.main(args) == 0
     assert not any(p.exists() for p in stale) and all(p.exists() for p in live)
     assert sorted(p.name for p in out.iterdir()) == sorted(["00003.jpg", "00004.jpg", "rounds", *(p.name for p in live)])
