@@ -18,16 +18,19 @@ the order or the number of processes. Every option is checked before a model is 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import cli
 import jittor_env
 from datasets import DataError
-from datasets.io import atomic_write
+from datasets.io import remove_stale_temporaries, temporaries_of
 from datasets.landscape import MAPPING_FILE
 from synthesis.batch import BatchReport, Job, generate_jobs, list_jobs, parse_size, shard
 from synthesis.demo import DEMO_CHECKPOINT, DEMO_OUTPUT, DEMO_VQ, no_model_message, prepare_demo
+from synthesis.gallery import ROUNDS_FOLDER
 from weights.checkpoint import WEIGHT_SETS, WeightsError
 
 log = logging.getLogger("iidm.infer")
@@ -37,6 +40,7 @@ FAILED = 1    # exit status: bad files, or some images failed
 USAGE = 2     # exit status: bad options (argparse's)
 QUALITY = {"iidm": 75}  # the official submission wrote PIL's default JPEG quality; others 95
 DEFAULT_QUALITY = 95
+PROBE = ".write-test"   # the writability probe, OUTPUT/.write-test.PID
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -136,12 +140,17 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
 
 
 def writable(folder: Path) -> str | None:
-    """Why nothing can be written in ``folder`` (created if needed), or None."""
+    """Why nothing can be written in ``folder`` (created if needed), or None. The probe file is
+    named after the process, so MPI ranks probing one folder at once do not remove each other's,
+    and is no temporary file (``.*.tmp``), so no rank's sweep of stale temporaries takes it."""
+    probe = folder / f"{PROBE}.{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_write(folder / ".write-test", "w") as f:
+        with open(probe, "w") as f:
             f.write("ok")
-        (folder / ".write-test").unlink()
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
     except OSError as exc:
         return f"{folder}: cannot write there ({exc.strerror or exc})"
     return None
@@ -170,9 +179,10 @@ def model_files(args) -> tuple[list[Path], Path]:
     return checkpoints, vq_path
 
 
-def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int):
+def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int, started: float):
     """(this rank's jobs, (masks folder, training root, mapping) or None for one image, output folder);
-    the output folder is checked to be writable."""
+    the output folder is checked to be writable, and rank 0 removes the temporary files and probes
+    that a killed run left there (those older than ``started``, the time this run began)."""
     output_dir = args.output_path or DEMO_OUTPUT
     try:
         if quick:
@@ -186,6 +196,12 @@ def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int):
             problem = writable(output_dir)
         if problem:
             raise DataError(problem)
+        if quick:     # a folder of the user's: only this output's own temporaries
+            remove_stale_temporaries(args.output_path.parent, started, temporaries_of(args.output_path.name))
+        elif rank == 0:
+            for where in (output_dir, output_dir / ROUNDS_FOLDER):
+                remove_stale_temporaries(where, started)
+            remove_stale_temporaries(output_dir, started, f"{PROBE}.*")
     except DataError as exc:
         raise Stop(f"infer.py: {exc}") from None
     return jobs, source, output_dir
@@ -193,8 +209,6 @@ def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int):
 
 def generate(args, pending: list[Job], checkpoints: list[Path], vq_path: Path, rank: int) -> tuple[BatchReport, int]:
     """Load the models and generate ``pending``: (the report, U-Net passes per image)."""
-    import time
-
     from ldm.pipeline import unet_passes
     from synthesis.generator import Generator
 
@@ -230,6 +244,7 @@ def summarize(report: BatchReport, passes: int, where: str) -> int:
 
 
 def main(argv=None) -> int:
+    started = time.time()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
@@ -241,7 +256,7 @@ def main(argv=None) -> int:
         checkpoints, vq_path = model_files(args)
         jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
         rank, world_size = (jt.rank, jt.world_size) if jt.in_mpi else (0, 1)
-        jobs, source, output_dir = plan_jobs(args, quick, demo, rank, world_size)
+        jobs, source, output_dir = plan_jobs(args, quick, demo, rank, world_size, started)
         pending = jobs if quick or args.overwrite else [j for j in jobs if not j.output.is_file()]
         report, passes = BatchReport(), 0
         if pending:

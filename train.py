@@ -131,6 +131,35 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
         path = getattr(args, name, None)
         if path and not os.path.exists(path):
             parser.error(f"--{name} {path}: not found")
+    if args.stage == "segmenter":
+        for name, why in (("preset", "its architecture is --widths"), ("sample_every", "it writes no samples")):
+            if getattr(args, name) is not None:
+                parser.error(f"--{name}: not an option of the segmenter stage ({why})")
+    if args.mask_dropout is not None and not 0.0 <= args.mask_dropout <= 1.0:
+        parser.error(f"--mask_dropout must be in [0, 1], got {args.mask_dropout}")
+    if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.latent_scale is not None and args.latent_scale != "auto":
+        try:
+            value = float(args.latent_scale)
+        except ValueError:
+            parser.error(f"--latent_scale must be a number or 'auto', got {args.latent_scale!r}")
+        if not (value > 0 and value != float("inf")):
+            parser.error(f"--latent_scale must be a finite number > 0, got {args.latent_scale}")
+
+
+def check_with_jittor(parser: cli.ArgumentParser, args, jt) -> None:
+    """The checks that need the model code (presets) or the device, still before anything loads."""
+    if args.preset is not None and args.stage == "ldm":
+        from models.unet import UNET_PRESETS
+        if args.preset not in UNET_PRESETS:
+            parser.error(f"--preset {args.preset}: not a U-Net preset; choose one of {', '.join(UNET_PRESETS)}")
+    if args.preset is not None and args.stage == "autoencoder":
+        from autoencoder.vqmodel import PRESETS
+        if args.preset not in PRESETS:
+            parser.error(f"--preset {args.preset}: not an autoencoder preset; choose one of {', '.join(PRESETS)}")
+    if args.fp16 and not jt.flags.use_cuda:
+        parser.error("--fp16 needs CUDA (on the CPU float16 is hundreds of times slower); leave it out")
 
 
 def given_options(args, names) -> dict:
@@ -281,7 +310,8 @@ def main(argv=None) -> int:
             tuple(int(w) for w in args.widths.split(","))
         except ValueError:
             parser.error(f"--widths must be comma-separated integers, got {args.widths!r}")
-    jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+    jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+    check_with_jittor(parser, args, jt)
     from datasets import DataError
     from ldm.latents import StoreError
     from training.logs import LogError

@@ -7,6 +7,7 @@ same folder, then rename) so a killed run never leaves a half-written output beh
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import tempfile
@@ -89,6 +90,37 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs) -> It
             # A failed write (a full disk) names no file: name the one being written.
             raise OSError(exc.errno, f"{path}: {exc.strerror or exc}") from exc
         raise
+
+
+TEMPORARIES = ".*.tmp"    # atomic_write's temporary files: .NAME.XXXXXXXX.tmp
+
+
+def temporaries_of(name: str) -> str:
+    """The glob of ``atomic_write``'s temporary files for a file called ``name``."""
+    return f".{glob.escape(name)}.*.tmp"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, older_than: float | None = None,
+                             pattern: str = TEMPORARIES) -> int:
+    """Delete the files matching ``pattern`` (by default every temporary file of ``atomic_write``)
+    that writes killed midway left in ``folder``; returns how many. With ``older_than`` (a
+    ``time.time()`` value) only files last modified before it go, so the writes under way in other
+    processes of the same run (MPI ranks that started at that time) keep theirs."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for path in folder.glob(pattern):
+        try:
+            if older_than is not None and path.stat().st_mtime >= older_than:
+                continue
+            path.unlink()
+            removed += 1
+        except OSError:      # gone already (another process removed it) or not ours to remove
+            pass
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted write", folder, removed)
+    return removed
 
 
 def _atomic_save(image: Image.Image, path: Path, **params) -> None:

@@ -97,4 +97,15 @@ class LatentStore:
         views = np.asarray(views, dtype=np.int64)
         latents = np.stack([self.latents[i, v] for i, v in zip(indices, views)]).astype(np.float32)
         labels = np.stack([self.labels[i, v] for i, v in zip(indices, views)]).astype(np.uint8)
+        finite = np.isfinite(latents.reshape(len(latents), -1)).all(axis=1)
+        if not finite.all():
+            j = int(np.argmin(finite))
+            index, view = int(indices[j]), int(views[j])
+            raise StoreError(f"{self.path / LATENTS}: the latent of item {index} ({self.item_name(index)!r}, view "
+                             f"{VIEWS[view]}) is not finite; rebuild the store with python -m tools.cache_latents")
         return latents, labels
+
+    def item_name(self, index: int) -> str:
+        """The photo an item was encoded from (its name without suffix)."""
+        names = self.manifest.get("names") or []
+        return names[index] if 0 <= index < len(names) else f"#{index}"

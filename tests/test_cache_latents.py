@@ -142,3 +142,66 @@ def test_not_a_store(tmp_path):
 
     with pytest.raises(StoreError, match="tools.cache_latents"):
         LatentStore(tmp_path)
+
+
+def test_a_non_finite_latent_is_reported_with_its_item(setup, tmp_path):
+    """Training from a store with a NaN latent names the item, its photo and view."""
+    from ldm.latents import LatentStore, StoreError
+
+    root, _, _ = setup
+    store = tmp_path / "store"
+    shutil.copytree(root / "store", store)
+    latents = np.load(store / "latents.npy", mmap_mode="r+")
+    latents[3, 1, 0, 2, 5] = np.inf
+    latents.flush()
+    del latents
+    reader = LatentStore(store)
+    name = json.loads((store / "manifest.json").read_text())["names"][3]
+    reader.batch(np.array([3, 1]), np.array([0, 1]))                  # the other view of item 3 is fine
+    with pytest.raises(StoreError, match=rf"latent of item 3 \('{name}', view hflip\) is not finite"):
+        reader.batch(np.array([0, 3]), np.array([0, 1]))
+
+
+def test_caching_refuses_a_non_finite_latent_naming_the_photo(setup, tmp_path, monkeypatch, jt):
+    from autoencoder.vqmodel import VQModel
+    from datasets import TrainingSet
+    from ldm.latents import StoreError, items_done
+    from tools.cache_latents import cache_latents
+
+    root, _, _ = setup
+    real_encode = VQModel.encode
+
+    calls = []
+
+    def encode(self, x):
+        z = real_encode(self, x)
+        calls.append(1)
+        if len(calls) == 2:     # the second chunk (items 2 and 3): the photo of item 2 overflows
+            scale = np.ones((z.shape[0], 1, 1, 1), np.float32)
+            scale[0] = np.nan
+            z = z * jt.array(scale)
+        return z
+
+    monkeypatch.setattr(VQModel, "encode", encode)
+    photo = TrainingSet(root / "data" / "train", HEIGHT, WIDTH).image_paths[2]
+    with pytest.raises(StoreError, match=rf"{photo}: the autoencoder gives a non-finite latent \(item 2"):
+        cache_latents(root / "data" / "train", root / "vq.safetensors", tmp_path / "store", HEIGHT, WIDTH,
+                      batch_size=BATCH, progress=False)
+    assert items_done(tmp_path / "store") == 2
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--height", "0"], "--height must be >= 1"),
+    (["--vq", "/nonexistent/vq.safetensors"], "--vq /nonexistent/vq.safetensors: not found"),
+])
+def test_bad_options_exit_2_before_anything_loads(tmp_path, capsys, options, message):
+    from tools.cache_latents import main
+
+    base = {"--data": str(tmp_path), "--vq": str(tmp_path), "--output_path": str(tmp_path / "store")}
+    given = dict(zip(options[::2], options[1::2]))
+    argv = [item for key, value in {**base, **given}.items() for item in (key, value)]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + ["--cpu"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()

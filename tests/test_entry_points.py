@@ -15,3 +15,36 @@ def test_infer_names_a_missing_checkpoint(tmp_path, capsys):
     status = infer.main(["--cpu", "--ckpt", str(tmp_path / "nope.safetensors")])
     assert status == 1
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("stage, options, message", [
+    ("ldm", ["--preset", "huge"], "--preset huge: not a U-Net preset; choose one of iidm, demo, tiny"),
+    ("autoencoder", ["--preset", "huge"], "--preset huge: not an autoencoder preset"),
+    ("segmenter", ["--preset", "tiny"], "--preset: not an option of the segmenter stage"),
+    ("segmenter", ["--sample_every", "5"], "--sample_every: not an option of the segmenter stage"),
+    ("ldm", ["--latent_scale", "abc"], "--latent_scale must be a number or 'auto'"),
+    ("ldm", ["--latent_scale", "0"], "--latent_scale must be a finite number > 0"),
+    ("ldm", ["--mask_dropout", "1.5"], "--mask_dropout must be in [0, 1]"),
+    ("ldm", ["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
+    ("ldm", ["--fp16", "--cpu"], "--fp16 needs CUDA"),
+    ("autoencoder", ["--latents", "."], "--latents: not an option of the autoencoder stage"),
+])
+def test_train_refuses_bad_options_before_any_model_loads(jt, tmp_path, capsys, monkeypatch, stage, options, message):
+    import train
+
+    def refuse(args):
+        raise AssertionError("a stage started before the options were checked")
+
+    for name in ("autoencoder_stage", "ldm_stage", "segmenter_stage"):
+        monkeypatch.setattr(train, name, refuse)
+    data = {"ldm": ["--latents", str(tmp_path)], "autoencoder": ["--data", str(tmp_path)],
+            "segmenter": ["--data", str(tmp_path)]}[stage]
+    with pytest.raises(SystemExit) as exit_:
+        train.main([stage, *data, "--output_path", str(tmp_path / "run"), "--cpu", *options])
+    err = capsys.readouterr().err
+    assert exit_.value.code == train.USAGE and message in err
+    assert len([line for line in err.splitlines() if ": error: " in line]) == 1
+    assert not (tmp_path / "run").exists()

@@ -325,6 +325,35 @@ def test_unwritable_output_folder_is_found_before_loading(tmp_path, models, monk
     assert f"{blocker / 'out'}: cannot write there" in capsys.readouterr().err
 
 
+def test_temporaries_of_a_killed_run_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """Temporary outputs older than the run (a kill mid-write) go before anything is generated;
+    one written since the run began (another MPI rank's) and the other ranks' probes stay."""
+    import os
+    import time
+
+    refuse_to_load(monkeypatch)
+    out = tmp_path / "out"
+    args = dataset(tmp_path / "data", 2) + ["--output_path", str(out), "--ckpt", str(tmp_path / "u"),
+                                            "--vq", str(tmp_path / "v"), "--cpu"]
+    for name in ("u", "v"):
+        (tmp_path / name).write_bytes(b"never loaded: every output is present")
+    (out / "rounds").mkdir(parents=True)
+    for name in ("00003.jpg", "00004.jpg"):
+        Image.new("RGB", (WIDTH, HEIGHT)).save(out / name)
+    stale = [out / ".00003.jpg.k1ll3d.tmp", out / "rounds" / ".00003_round0.jpg.k1ll3d.tmp", out / ".write-test.7"]
+    live = [out / ".00004.jpg.l1v3.tmp", out / ".write-test.1"]
+    for path in stale + live:
+        path.write_bytes(b"part")
+    an_hour_ago = time.time() - 3600
+    for path in stale:
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    for path in live:
+        os.utime(path, (time.time() + 60,) * 2)
+    assert infer.main(args) == 0
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in live)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["00003.jpg", "00004.jpg", "rounds", *(p.name for p in live)])
+
+
 def test_a_full_disk_stops_the_run(tmp_path, models, monkeypatch, capsys):
     import errno
 

@@ -118,6 +118,94 @@ def test_a_missing_result_is_named_and_nothing_is_written(synthetic, tmp_path, c
     assert not (results / "scores.csv").exists() and not (results / "scores.json").exists()
 
 
+def cut_in_half(path):
+    """Keep a JPEG's headers and the first half of its compressed scan (a write killed midway)."""
+    data = path.read_bytes()
+    scan = data.index(b"\xff\xda")
+    path.write_bytes(data[:scan + (len(data) - scan) // 2])
+
+
+def bad_results(synthetic, folder):
+    """A copy of the ground-truth photos with four bad results: a JPEG cut in half, an empty file,
+    a text file named .jpg and a whole JPEG of the wrong size; returns {name: expected problem}."""
+    import shutil
+
+    from PIL import Image
+
+    shutil.copytree(synthetic / "test" / "imgs", folder)
+    paths = sorted(folder.glob("*.jpg"))
+    assert len(paths) == 4
+    cut, empty, text, small = paths
+    cut_in_half(cut)
+    empty.write_bytes(b"")
+    text.write_text("this is not a picture\n")
+    Image.new("RGB", (16, 12), (10, 200, 30)).save(small, quality=95)
+    return {cut.stem: "cannot be decoded in full", empty.stem: "empty file (0 bytes)",
+            text.stem: "not an image file", small.stem: "12x16 (height x width), but its mask is 24x32"}
+
+
+def test_a_jpeg_cut_in_half_is_what_opencv_reads_without_complaint(synthetic, tmp_path):
+    """Why the scorer decodes with PIL: cv2.imread returns a half JPEG as a whole image."""
+    from scoring.style_similarity import read_bgr
+
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(sorted((synthetic / "test" / "imgs").glob("*.jpg"))[0].read_bytes())
+    cut_in_half(path)
+    assert read_bgr(path).shape == (24, 32, 3)
+    assert score.result_problem(path, 24, 32).startswith("cannot be decoded in full")
+
+
+def test_bad_results_stop_the_run_with_every_one_listed(synthetic, tmp_path, capsys, monkeypatch):
+    results = tmp_path / "results"
+    expected = bad_results(synthetic, results)
+
+    def load(args):
+        raise AssertionError("a model was loaded before the results were checked")
+
+    monkeypatch.setattr(score, "_load_models", load)
+    assert score.main(run_args(synthetic, results)) == 1
+    err = capsys.readouterr().err
+    assert "4 result(s) cannot be scored" in err and "--skip_bad" in err
+    for name, problem in expected.items():
+        assert f"{results / name}.jpg: {problem}" in err
+    assert not (results / "scores.csv").exists() and not (results / "scores.json").exists()
+
+
+def test_skip_bad_scores_the_rest_and_lists_the_bad_in_the_summary(synthetic, tmp_path, capsys):
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(synthetic / "test" / "imgs", results)
+    paths = sorted(results.glob("*.jpg"))
+    cut_in_half(paths[1])
+    paths[3].write_bytes(b"")
+    assert score.main(run_args(synthetic, results, "--skip_bad")) == 0
+    assert "2 bad result(s) not scored" in capsys.readouterr().out
+    summary = json.loads((results / "scores.json").read_text())
+    assert summary["images"] == 2
+    assert [(b["name"], b["file"]) for b in summary["bad_results"]] == [(p.stem, str(p)) for p in (paths[1], paths[3])]
+    good = [paths[0].stem, paths[2].stem]
+    assert summary["metrics"]["S"] == pytest.approx(expected_s(synthetic, good), abs=1e-9)
+    assert [r["name"] for r in csv.DictReader(open(results / "scores.csv"))] == good
+
+
+def test_skip_bad_with_nothing_good_left_is_an_error(synthetic, tmp_path, capsys):
+    results = tmp_path / "results"
+    bad_results(synthetic, results)
+    assert score.main(run_args(synthetic, results, "--skip_bad")) == 1
+    assert "4 result(s) cannot be scored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--inception", "/nonexistent/pt_inception.pth"], "--inception /nonexistent/pt_inception.pth: not found"),
+])
+def test_bad_options_exit_2_before_anything_is_read(synthetic, tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_:
+        score.main(run_args(synthetic, synthetic / "test" / "imgs", *options))
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def constant_segmenter_checkpoint(path, cls, height=24, width=32):
     """A segmenter whose head ignores its input and always predicts class ``cls``."""
     from weights.checkpoint import module_arrays, save_checkpoint

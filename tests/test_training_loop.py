@@ -95,6 +95,26 @@ def test_no_good_checkpoint_yet_is_said_plainly(jt, tmp_path):
     assert not (tmp_path / "checkpoints" / LAST).exists()
 
 
+def test_the_stop_message_never_names_a_checkpoint_that_is_not_there(jt, tmp_path):
+    """Resumed from an unproven candidate while last.safetensors is gone: when the run then
+    diverges, no good checkpoint exists, and the message says so instead of naming last."""
+    class Killed(Exception):
+        pass
+
+    class KilledInStep5(Toy):
+        def step(self, step, update=True):
+            if step == 4:
+                raise Killed
+            return super().step(step, update)
+
+    with pytest.raises(Killed):
+        run(KilledInStep5(), tmp_path, loop(max_steps=6), progress=False)
+    (tmp_path / "checkpoints" / LAST).unlink()
+    with pytest.raises(TrainingStopped) as stopped:
+        run(Toy(poison=range(4, 100)), tmp_path, loop(max_steps=10), resume=True, progress=False)
+    assert "no good checkpoint exists yet" in str(stopped.value) and LAST not in str(stopped.value)
+
+
 def test_final_weights_are_checked_before_they_become_last(jt, tmp_path):
     with pytest.raises(TrainingStopped, match="final weights give a non-finite loss"):
         run(Toy(wreck={5}, poison=range(6, 10)), tmp_path, loop(max_steps=6, save_every=0), progress=False)
@@ -153,6 +173,73 @@ def test_stale_temporaries_are_removed_on_start(jt, tmp_path):
     assert not stale.exists()
 
 
+def test_only_temporaries_older_than_the_run_are_removed(tmp_path):
+    import time
+
+    from datasets.io import remove_stale_temporaries
+
+    old, new, kept = tmp_path / ".a.jpg.x1.tmp", tmp_path / ".b.jpg.x2.tmp", tmp_path / "c.jpg"
+    for path in (old, new, kept):
+        path.write_bytes(b"x")
+    now = time.time()
+    os.utime(old, (now - 60, now - 60))
+    assert remove_stale_temporaries(tmp_path, older_than=now - 1) == 1     # a live write of another rank stays
+    assert not old.exists() and new.exists() and kept.exists()
+    assert remove_stale_temporaries(tmp_path) == 1 and not new.exists() and kept.exists()
+    assert remove_stale_temporaries(tmp_path / "absent") == 0
+
+
+class Killed(BaseException):
+    """Stands for a kill -9 in the middle of the run's writes."""
+
+
+class Sampled(Toy):
+    """Writes a file per sample step and is killed once while writing the samples of ``kill_at``."""
+
+    def __init__(self, kill_at=None, **kwargs):
+        super().__init__(**kwargs)
+        self.kill_at = kill_at
+
+    def write_samples(self, path, step):
+        if step == self.kill_at:
+            self.kill_at = None
+            raise Killed()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(step))
+
+
+def test_a_kill_while_sampling_cannot_leave_a_candidate_without_its_samples(jt, tmp_path):
+    """The samples and kept weights of a step are written before its candidate: killed while
+    sampling step 4, the run resumes from step 2 and writes step 4's samples and snapshot."""
+    options = dict(max_steps=6, save_every=2, sample_every=2, keep_every=2)
+    task = Sampled(kill_at=4)
+    with pytest.raises(Killed):
+        run(task, tmp_path, loop(**options), progress=False)
+    assert ckpt(tmp_path).step == 2 and not (tmp_path / "checkpoints" / CANDIDATE).exists()
+    run(Sampled(), tmp_path, loop(**options), resume=True, progress=False)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [f"step_000000{s}.png" for s in (2, 4, 6)]
+    assert (tmp_path / "checkpoints" / "step_0000004.safetensors").is_file()
+    straight = tmp_path / "straight"
+    run(Sampled(), straight, loop(**options), progress=False)
+    for name in (LAST, "step_0000004.safetensors"):
+        assert (tmp_path / "checkpoints" / name).read_bytes() == (straight / "checkpoints" / name).read_bytes()
+
+
+def test_options_are_written_atomically(jt, tmp_path, monkeypatch):
+    import datasets.io
+
+    run(Toy(), tmp_path, loop(max_steps=2), progress=False)
+    before = (tmp_path / "options.json").read_text()
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(datasets.io.os, "fsync", broken)
+    with pytest.raises(OSError, match="options.json"):
+        run(Toy(), tmp_path, loop(max_steps=4), resume=True, progress=False)
+    assert (tmp_path / "options.json").read_text() == before and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_a_full_disk_names_the_file(jt, tmp_path, monkeypatch):
     import errno
 
@@ -160,8 +247,10 @@ def test_a_full_disk_names_the_file(jt, tmp_path, monkeypatch):
 
     real_fsync = os.fsync
 
-    def full(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def full(fd):    # the disk fills up while the candidate is written
+        if CANDIDATE in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
 
     monkeypatch.setattr(datasets.io.os, "fsync", full)
     with pytest.raises(OSError, match=rf"{tmp_path / 'checkpoints' / CANDIDATE}: No space left on device"):

@@ -97,6 +97,17 @@ def _open_arrays(store: Path, manifest: dict[str, Any], create: bool):
     return latents, labels
 
 
+def _check_finite(z: np.ndarray, n: int, batch_size: int, start: int, dataset: TrainingSet, store: Path) -> None:
+    """Refuse a chunk whose latents (rows [0, n) originals, [batch_size, batch_size + n) flips) are
+    not all finite, naming the photo: nothing of the chunk is written, the store stays resumable."""
+    for j in range(n):
+        for view, row in ((VIEWS[0], j), (VIEWS[1], batch_size + j)):
+            if not np.isfinite(z[row]).all():
+                raise StoreError(f"{dataset.image_paths[start + j]}: the autoencoder gives a non-finite latent "
+                                 f"(item {start + j}, {dataset.names[start + j]!r}, view {view}); {store} keeps "
+                                 f"the {start} item(s) before it")
+
+
 def cache_latents(data_root: str | os.PathLike, vq_path: str | os.PathLike, out: str | os.PathLike,
                   height: int = CHALLENGE_HEIGHT, width: int = CHALLENGE_WIDTH, batch_size: int = 8,
                   progress: bool = True) -> dict[str, Any]:
@@ -150,6 +161,7 @@ def cache_latents(data_root: str | os.PathLike, vq_path: str | os.PathLike, out:
             x = jt.array(both.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
             z = model.encode(x).numpy()
             n = len(samples)
+            _check_finite(z, n, batch_size, start, dataset, store)
             latents[start:stop, 0] = z[:n]
             latents[start:stop, 1] = z[batch_size:batch_size + n]
             for j, sample in enumerate(samples):
@@ -175,6 +187,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=8, help="photos per encoder call (x2 with the flips)")
     jittor_env.add_arguments(parser)
     args = parser.parse_args(argv)
+    for name in ("height", "width", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("data", "vq"):
+        if not os.path.exists(getattr(args, name)):
+            parser.error(f"--{name} {getattr(args, name)}: not found")
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     try:

@@ -5,12 +5,18 @@ similarity S and the total T (the IIDM paper's Eq. 8; the third Jittor AI Challe
 
     python -m tools.score --results OUT --input_path MASKS --img_path TRAIN_ROOT \
         [--segmenter CKPT] [--aesthetic CKPT] [--inception pt_inception-2015-12-05-6726825d.pth] \
-        [--style_mode challenge|corrected] [--csv FILE] [--json FILE]
+        [--style_mode challenge|corrected] [--csv FILE] [--json FILE] [--skip_bad]
     python -m tools.score total --M 94.15 --A 50.43 --FID 30.75 --S 63.76
 
 Layout: ``MASKS/NAME.png`` with ``MASKS/label_to_img.json`` (or ``--mapping FILE``) naming each
 mask's reference ``REF.jpg`` in ``TRAIN_ROOT/imgs``; results ``OUT/NAME.jpg``. Every mask must have its result: a
 missing one is an error that names it, before anything is scored.
+
+Every result is decoded in full before any model loads (OpenCV's reader returns a truncated JPEG
+partly grey, without an error): an empty file, one that is not an image, a truncated one, or one
+whose size is not its mask's is bad. By default bad results stop the run with an error listing
+them all (exit 1); ``--skip_bad`` scores the others and lists the bad ones in the JSON summary
+(``bad_results``), so a partial score is never mistaken for a whole one.
 
 * S (scoring/style_similarity.py) needs no model. ``--style_mode challenge`` (default) reproduces the
   organisers' script, uint8 quirks included; ``corrected`` computes what it meant to. Both are in
@@ -29,7 +35,6 @@ table on stdout. Both files are written atomically (default: beside the results)
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -41,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+import cli
 import jittor_env
 from datasets import DataError, TestSet, load_label
 from datasets.io import IMAGE_SUFFIXES, atomic_write
@@ -134,6 +139,68 @@ def _mean(values):
     return float(sum(values) / len(values))
 
 
+class BadResults(DataError):
+    """Result images that cannot be scored; ``bad`` lists (name, path, problem)."""
+
+    def __init__(self, results: Path, bad: list[tuple[str, Path, str]]):
+        lines = "\n".join(f"  {path}: {problem}" for _, path, problem in bad)
+        super().__init__(f"{results}: {len(bad)} result(s) cannot be scored (fix or regenerate them, or pass "
+                         f"--skip_bad to score the others):\n{lines}")
+        self.bad = bad
+
+
+def result_problem(path: Path, height: int, width: int) -> str | None:
+    """Why the result image ``path`` cannot be scored, or None: it must decode in full (every
+    byte of the image data present) to a ``width`` x ``height`` picture."""
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if ImageFile.LOAD_TRUNCATED_IMAGES:     # set by some library: it would fill a cut image with grey
+        return "cannot check: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set in this process"
+    try:
+        with Image.open(path) as image:
+            image.load()
+            size = image.size
+    except UnidentifiedImageError:
+        return "not an image file"
+    except (OSError, SyntaxError, ValueError) as exc:
+        return f"cannot be decoded in full ({exc})"
+    if size != (width, height):
+        return f"{size[1]}x{size[0]} (height x width), but its mask is {height}x{width}"
+    return None
+
+
+def find_bad_results(paths: list[Path], mask_paths: list[Path]) -> list[tuple[str, Path, str]]:
+    """(name, path, problem) of every result that does not decode in full to its mask's size."""
+    from PIL import Image
+
+    bad = []
+    for path, mask_path in zip(paths, mask_paths):
+        with Image.open(mask_path) as mask:
+            width, height = mask.size
+        problem = result_problem(path, height, width)
+        if problem:
+            bad.append((path.stem, path, problem))
+    return bad
+
+
+@dataclass
+class ScoringInput:
+    """The test set, each mask's result file, and the results that cannot be scored."""
+
+    test_set: TestSet
+    paths: list[Path]
+    bad: list[tuple[str, Path, str]]
+
+
+def gather_results(results: Path, mask_dir: Path, img_root: Path, mapping_file: Path | None = None) -> ScoringInput:
+    """Read the test set, find every result and decode each in full (no model is needed)."""
+    test_set = TestSet(mask_dir, img_root, mapping_file=mapping_file)
+    paths = _result_paths(Path(results), test_set.names)
+    return ScoringInput(test_set, paths, find_bad_results(paths, test_set.mask_paths))
+
+
 def _result_paths(results: Path, names: list[str]) -> list[Path]:
     paths = [results / f"{name}.jpg" for name in names]
     missing = [p.name for p in paths if not p.is_file()]
@@ -156,11 +223,23 @@ def training_images(img_root: Path) -> list[Path]:
 def score_results(results: Path, mask_dir: Path, img_root: Path, style_mode: str = DEFAULT_MODE,
                   segmenter=None, aesthetic=None, inception=None, inception_path: Path | None = None,
                   fid_cache: Path | None = None, batch_size: int = 50, log_every: int = 100,
-                  mapping_file: Path | None = None) -> Report:
+                  mapping_file: Path | None = None, skip_bad: bool = False,
+                  gathered: ScoringInput | None = None) -> Report:
     """Score every ``results/NAME.jpg`` against its mask and reference. ``segmenter``, ``aesthetic``
-    and ``inception`` are loaded networks or None (skipped)."""
-    test_set = TestSet(mask_dir, img_root, mapping_file=mapping_file)
-    paths = _result_paths(Path(results), test_set.names)
+    and ``inception`` are loaded networks or None (skipped). Bad results (``result_problem``)
+    raise ``BadResults``, or with ``skip_bad`` are left out and listed in the summary.
+    ``gathered`` is ``gather_results``'s answer when the caller has it already."""
+    gathered = gathered or gather_results(Path(results), mask_dir, img_root, mapping_file)
+    if gathered.bad and not skip_bad:
+        raise BadResults(Path(results), gathered.bad)
+    bad_names = {name for name, _, _ in gathered.bad}
+    if len(bad_names) == len(gathered.paths):
+        raise BadResults(Path(results), gathered.bad)
+    for name, path, problem in gathered.bad:
+        log.warning("%s: not scored: %s", path, problem)
+    test_set = gathered.test_set
+    keep = [i for i, name in enumerate(test_set.names) if name not in bad_names]
+    paths = [gathered.paths[i] for i in keep]
     other_mode = next(m for m in MODES if m != style_mode)
     if segmenter is not None:
         from scoring.segmenter import mask_accuracy
@@ -168,8 +247,8 @@ def score_results(results: Path, mask_dir: Path, img_root: Path, style_mode: str
         from scoring.aesthetic import aesthetic_percent
     images, other = [], []
     start = time.time()
-    for index, (name, path) in enumerate(zip(test_set.names, paths)):
-        mask_path = test_set.mask_paths[index]
+    for count, (index, path) in enumerate(zip(keep, paths)):
+        name, mask_path = test_set.names[index], test_set.mask_paths[index]
         reference_name = test_set.reference_paths[index].name
         output = read_bgr(path)
         # The reference as the script reads it: cv2.imread, at its own size.
@@ -184,14 +263,15 @@ def score_results(results: Path, mask_dir: Path, img_root: Path, style_mode: str
         if aesthetic is not None:
             score.aesthetic = float(aesthetic_percent(aesthetic, [rgb.copy()])[0])
         images.append(score)
-        if (index + 1) % log_every == 0:
-            log.info("scored %d/%d images (%.0f s)", index + 1, len(paths), time.time() - start)
+        if (count + 1) % log_every == 0:
+            log.info("scored %d/%d images (%.0f s)", count + 1, len(paths), time.time() - start)
 
     metrics: dict[str, float | None] = {name: None for name in METRICS}
     skipped: dict[str, str] = {}
     metrics["S"] = _mean([i.s for i in images])
     details = {
         "images": len(images),
+        "bad_results": [{"name": name, "file": str(path), "problem": problem} for name, path, problem in gathered.bad],
         "results": str(results), "input_path": str(mask_dir), "img_path": str(img_root),
         "style_similarity": {
             "mode": style_mode, "S": metrics["S"],
@@ -276,7 +356,10 @@ def table_lines(report: Report) -> list[str]:
         "FID": "against the training photos",
         "S": f"style similarity, {style['mode']} mode (%)",
     }
-    lines = [f"{report.details['images']} images", f"{'metric':<6} {'value':>8}  note"]
+    bad = report.details.get("bad_results", [])
+    lines = [f"{report.details['images']} images" + (f" ({len(bad)} bad result(s) not scored: "
+                                                       f"{', '.join(b['name'] for b in bad)})" if bad else ""),
+             f"{'metric':<6} {'value':>8}  note"]
     for name in METRICS:
         value = report.metrics.get(name)
         shown = f"{value:8.2f}" if value is not None else f"{'skipped':>8}"
@@ -287,8 +370,8 @@ def table_lines(report: Report) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, required=True, help="folder of generated NAME.jpg")
     parser.add_argument("--input_path", type=Path, required=True, help="masks folder with label_to_img.json")
     parser.add_argument("--img_path", type=Path, required=True, help="training root (imgs/ holds the references)")
@@ -306,12 +389,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=50, help="images per Inception batch")
     parser.add_argument("--csv", type=Path, help="per-image CSV (default RESULTS/scores.csv)")
     parser.add_argument("--json", type=Path, help="JSON summary (default RESULTS/scores.json)")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="score the results that decode in full at their mask's size and list the others "
+                             "in the JSON summary (default: stop with an error listing them)")
     jittor_env.add_arguments(parser)
     return parser
 
 
-def build_total_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="score.py total", description="T from given metrics (percent).")
+def check_options(parser: cli.ArgumentParser, args) -> None:
+    """Every check that needs no image and no model; a bad option ends the run with exit 2."""
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    for flag in ("results", "input_path", "img_path", "mapping", "segmenter", "aesthetic", "inception"):
+        path = getattr(args, flag)
+        if path is not None and not path.exists():
+            parser.error(f"--{flag} {path}: not found")
+    if not args.results.is_dir():
+        parser.error(f"--results {args.results}: not a folder")
+
+
+def build_total_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="score.py total", description="T from given metrics (percent).")
     for name in METRICS:
         parser.add_argument(f"--{name}", type=float,
                             help=f"{name} in percent" + (" (capped at 100 in T)" if name == "FID" else ""))
@@ -350,17 +448,22 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["total"]:
         return main_total(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_options(parser, args)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     from weights.checkpoint import WeightsError
 
     try:
+        gathered = gather_results(args.results, args.input_path, args.img_path, args.mapping)
+        if gathered.bad and not args.skip_bad:
+            raise BadResults(args.results, gathered.bad)
         models = _load_models(args)
         report = score_results(args.results, args.input_path, args.img_path, args.style_mode,
                                segmenter=models["segmenter"], aesthetic=models["aesthetic"],
                                inception=models["inception"], inception_path=args.inception,
                                fid_cache=args.fid_cache, batch_size=args.batch_size,
-                               mapping_file=args.mapping)
+                               mapping_file=args.mapping, skip_bad=args.skip_bad, gathered=gathered)
     except (DataError, ImageReadError, WeightsError, ValueError) as exc:
         print(f"score: {exc}", file=sys.stderr)
         return 1

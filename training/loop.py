@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from datasets.io import atomic_write, remove_stale_temporaries
 from training.logs import LOG_FILE, JsonLog, repair_log
 from weights.checkpoint import TRAIN_SUFFIX, WeightsError, load_checkpoint, save_checkpoint
 
@@ -190,19 +191,6 @@ def _is_writer() -> bool:
     return not jt.in_mpi or jt.rank == 0
 
 
-def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files a killed write left behind (``.NAME.*.tmp``); returns how many."""
-    removed = 0
-    if folder.is_dir():
-        for path in folder.glob(".*.tmp"):
-            try:
-                path.unlink()
-                removed += 1
-            except OSError:
-                pass
-    return removed
-
-
 def checkpoint_to_resume(out: Path) -> Path | None:
     """The newest usable checkpoint of a run: the candidate when it is newer than last, else last."""
     folder = out / CHECKPOINTS
@@ -272,10 +260,9 @@ class _Run:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         for where in (self.out, self.folder, self.out / "samples"):
-            if remove_stale_temporaries(where):
-                log.info("%s: removed temporary files left by an interrupted write", where)
+            remove_stale_temporaries(where)
         repair_log(self.out / LOG_FILE, self.step)
-        with open(self.out / OPTIONS, "w", encoding="utf-8") as f:
+        with atomic_write(self.out / OPTIONS, "w", encoding="utf-8") as f:
             json.dump({"run": self.task.config(), "loop": self.loop.__dict__}, f, indent=2, sort_keys=True)
             f.write("\n")
 
@@ -324,15 +311,18 @@ class _Run:
                             f"(last loss {record.get('loss')})")
 
     def after_step(self) -> None:
-        """The candidate, the kept weights and the samples due at this step."""
+        """The kept weights, the samples and the candidate due at this step, in that order: a run
+        resumes after the candidate's step, so a kill between two of these writes must find the
+        candidate missing (the step is redone and its files written again, identical), never a
+        candidate without the snapshot or samples of its step."""
         step, loop = self.step, self.loop
-        if loop.save_every and step % loop.save_every == 0:
-            self.save(self.candidate, self.task.state())
-            self.pending = step
         if loop.keep_every and step % loop.keep_every == 0:
             self.save(self.folder / f"step_{step:07d}.safetensors", self.task.kept_weights())
         if loop.sample_every and step % loop.sample_every == 0 and self.writer:
             self.task.write_samples(self.out / "samples" / f"step_{step:07d}.png", step)
+        if loop.save_every and step % loop.save_every == 0:
+            self.save(self.candidate, self.task.state())
+            self.pending = step
 
     def finish(self) -> None:
         """Save the final state unless it is saved, and prove it with a probe step: nothing trains

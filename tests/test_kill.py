@@ -1,0 +1,183 @@
+"""kill -9 at random moments: ``train.py ldm``, ``train.py autoencoder`` and ``infer.py`` are
+killed again and again (at least 20 times each, anywhere: while importing, training, writing a
+checkpoint, a log line, a sample or an output) and restarted as a user would (``--resume`` once a
+checkpoint exists); the run that finally completes must leave exactly the files of a run that was
+never interrupted, byte for byte, logs that parse as strict JSON with one record per step, and no
+temporary file. Slow (minutes): run with ``-m slow``."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_training import write_store
+
+REPO = Path(__file__).resolve().parents[1]
+KILLS = 20                 # at least this many kills of each program
+MAX_KILLS_PER_RUN = 12     # then the run is let finish (every restart would otherwise die too early)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def default_sigchld():
+    """Jittor, once it has run anything in this process (another test of the session), handles
+    SIGCHLD by ending the process when a child dies of SIGKILL: here the kills are meant. Its
+    handler is installed from C, so Python reports the default and the default is put back."""
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGCHLD, previous if previous is not None else signal.SIG_DFL)
+
+
+def launch(args):
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "IIDM_FORCE_CPU": "1"})
+
+
+def finish(args):
+    proc = launch(args)
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+def kill_until_done(first, restart, rng, longest):
+    """Run ``first`` (then ``restart()``'s command after each kill), killing each life after a
+    random delay in [0.2, ``longest``] s, until one finishes; returns the number of kills."""
+    kills, args = 0, first
+    while True:
+        proc = launch(args)
+        delay = float(rng.uniform(0.2, longest))
+        if kills >= MAX_KILLS_PER_RUN:
+            delay = 900.0
+        try:
+            _, err = proc.communicate(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            kills += 1
+            args = restart()
+            continue
+        assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+        return kills
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def check_training_runs_agree(straight: Path, killed: Path):
+    from training.logs import read_log
+
+    a, b = files(straight), files(killed)
+    assert not [n for n in b if n.endswith(".tmp")], "temporary files left behind"
+    logs = {name: read_log(folder / "log.jsonl") for name, folder in (("straight", straight), ("killed", killed))}
+    assert [r["step"] for r in logs["killed"]] == [r["step"] for r in logs["straight"]]
+    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in logs["killed"]]
+    assert drop_time == [{k: v for k, v in r.items() if k != "seconds"} for r in logs["straight"]]
+    a.pop("log.jsonl"), b.pop("log.jsonl")
+    assert sorted(b) == sorted(a)
+    different = [name for name in a if a[name] != b[name]]
+    assert not different, f"files that differ from the uninterrupted run: {different}"
+
+
+def kill_training(tmp_path, common, longest, seed):
+    """Uninterrupted run, then rounds of killed runs (each checked against it) until KILLS kills."""
+    straight = tmp_path / "straight"
+    finish(common + ["--output_path", str(straight)])
+    rng = np.random.default_rng(seed)
+    total, round_ = 0, 0
+    while total < KILLS:
+        out = tmp_path / f"killed{round_}"
+        args = common + ["--output_path", str(out)]
+
+        def restart():
+            folder = out / "checkpoints"
+            started = (folder / "last.safetensors").exists() or (folder / "candidate.safetensors").exists()
+            return args + ["--resume"] if started else args
+
+        total += kill_until_done(args, restart, rng, longest)
+        check_training_runs_agree(straight, out)
+        shutil.rmtree(out)
+        round_ += 1
+    return total
+
+
+def test_kill_train_ldm(tmp_path):
+    store = write_store(tmp_path / "store")
+    common = ["train.py", "ldm", "--latents", str(store), "--preset", "tiny", "--batch_size", "2", "--lr", "1e-3",
+              "--max_steps", "8", "--save_every", "2", "--keep_every", "4", "--sample_every", "0", "--seed", "3",
+              "--cpu"]
+    assert kill_training(tmp_path, common, longest=10.0, seed=1) >= KILLS
+
+
+def test_kill_train_autoencoder(tmp_path):
+    from datasets.synthetic import write_dataset
+
+    write_dataset(tmp_path / "data", 4, 24, 32, seed=0, n_test=1)
+    common = ["train.py", "autoencoder", "--data", str(tmp_path / "data" / "train"), "--preset", "tiny",
+              "--height", "24", "--width", "32", "--batch_size", "2", "--lr", "1e-3", "--disc_start", "2",
+              "--max_steps", "8", "--save_every", "2", "--keep_every", "4", "--sample_every", "4", "--seed", "3",
+              "--cpu"]
+    assert kill_training(tmp_path, common, longest=10.0, seed=2) >= KILLS
+
+
+MODELS_SCRIPT = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import jittor_env
+
+jt = jittor_env.setup(force_cpu=True)
+from autoencoder.vqmodel import VQModel, save_vqmodel, vq_config
+from models import UNetModel, unet_preset
+from models.unet import PRESET_DIFFUSION
+from weights.checkpoint import module_arrays, save_checkpoint
+
+folder = Path(sys.argv[1])
+jt.set_global_seed(0)
+config = unet_preset("tiny")
+arrays = module_arrays(UNetModel(config))
+rng = np.random.default_rng(0)
+# the zero-initialised last layer made random, so the network's output is not zero
+arrays = {k: v + 0.05 * rng.standard_normal(v.shape).astype(v.dtype) if k.startswith("out.") else v
+          for k, v in arrays.items()}
+save_checkpoint(folder / "unet.safetensors", arrays, kind="unet",
+                config={"network": config.to_dict(), "diffusion": PRESET_DIFFUSION["iidm"]})
+save_vqmodel(VQModel(vq_config("tiny")), folder / "vq.safetensors")
+"""
+
+
+def test_kill_infer(tmp_path):
+    # Jittor is kept out of this process: it takes SIGCHLD, and a killed child would end the test.
+    from datasets.synthetic import write_dataset
+
+    finish(["-c", MODELS_SCRIPT, str(tmp_path)])
+    write_dataset(tmp_path / "data", 3, 16, 24, seed=0, n_test=8)
+    common = ["infer.py", "--input_path", str(tmp_path / "data" / "test" / "labels"),
+              "--img_path", str(tmp_path / "data" / "train"), "--ckpt", str(tmp_path / "unet.safetensors"),
+              "--vq", str(tmp_path / "vq.safetensors"), "--preset", "fast", "--steps", "2", "--batch_size", "1",
+              "--save_rounds", "--cpu"]
+    straight = tmp_path / "straight"
+    finish(common + ["--output_path", str(straight)])
+    expected = files(straight)
+    assert len([n for n in expected if n.endswith(".jpg") and "/" not in n]) == 8
+    rng = np.random.default_rng(3)
+    total, round_ = 0, 0
+    while total < KILLS:
+        out = tmp_path / f"killed{round_}"
+        args = common + ["--output_path", str(out)]
+        total += kill_until_done(args, lambda: args, rng, longest=8.0)
+        got = files(out)
+        assert not [n for n in got if n.endswith(".tmp")], "temporary files left behind"
+        assert sorted(got) == sorted(expected)
+        assert not [n for n in expected if got[n] != expected[n]], "outputs differ from the uninterrupted run"
+        shutil.rmtree(out)
+        round_ += 1
+    assert total >= KILLS
