@@ -263,6 +263,7 @@ class SDMFolder:
         self.height = height or self.dataset.height
         self.width = width or self.dataset.width
         self.instance_bits = instance_bits
+        self.root, self.split = Path(root), split
         self.names, self.image_paths, self.label_paths, self.instance_paths = layout(self.dataset, root, split)
 
     def __len__(self) -> int:
