@@ -19,11 +19,14 @@ Default sampling is SDM's: ancestral DDPM over all 1000 steps with the learned v
 clipped to [-1, 1], classifier-free guidance at the scale of SDM's scripts (Cityscapes 2.0,
 the others 1.5) in one batched network call. Output: ``OUT/NAME_k.png`` for sample k of each
 mask (written atomically; present ones are skipped, so an interrupted run resumes),
-``OUT/gallery.html`` and ``OUT/sheet.png`` (masks and their samples).
+``OUT/labels/NAME.png`` (the class-index label maps sampled, for scoring), ``OUT/sdm.json`` (the
+run's settings), ``OUT/gallery.html`` and ``OUT/sheet.png`` (masks and their samples). Score with
+``python -m tools.score_sdm --results OUT``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -124,10 +127,10 @@ def main(argv=None) -> int:
     from datasets.sdm import sdm_dataset
     from ldm.schedule import ScheduleConfig, make_schedule
     from models import load_unet
-    from synthesis.sdm import DEFAULT_STEPS, DEMO_CHECKPOINT, contact_sheet, default_guidance, output_path, \
-        sample_masks, write_gallery
+    from synthesis.sdm import DEFAULT_STEPS, DEMO_CHECKPOINT, RUN_FILE, contact_sheet, default_guidance, \
+        label_path, output_path, sample_masks, write_gallery
     from weights.checkpoint import WeightsError
-    from datasets.io import load_image, save_image
+    from datasets.io import atomic_write, load_image, save_image, save_label
 
     log = logging.getLogger("iidm.sdm")
     model_path = Path(args.model) if args.model else DEMO_CHECKPOINT
@@ -164,6 +167,14 @@ def main(argv=None) -> int:
     log.info("%s: %d masks x %d samples of %dx%d (%d to do), %s %d steps, guidance %.2f", model_path,
              len(names), args.num_samples, height, width, len(jobs), args.sampler, steps, scale)
     out.mkdir(parents=True, exist_ok=True)
+    for name, label in zip(names, labels):
+        path = label_path(out, name)
+        if not path.is_file():
+            save_label(path, label.astype(np.uint8))
+    with atomic_write(out / RUN_FILE, "w", encoding="utf-8") as f:
+        json.dump({"model": str(model_path), "dataset": dataset.name, "sampler": args.sampler, "steps": steps,
+                   "guidance": scale, "num_samples": args.num_samples, "seed": args.seed,
+                   "height": height, "width": width, "names": names}, f, indent=1)
     for start in range(0, len(jobs), args.batch_size):
         part = jobs[start:start + args.batch_size]
         images = sample_masks(unet, schedule, np.stack([masks[i] for i, _ in part]),

@@ -100,6 +100,14 @@ def output_path(folder: Path, name: str, k: int) -> Path:
     return Path(folder) / f"{name.replace('/', '__')}_{k}.png"
 
 
+RUN_FILE = "sdm.json"
+
+
+def label_path(folder: Path, name: str) -> Path:
+    """Where the class-index label map of mask ``name`` is kept beside its samples."""
+    return Path(folder) / "labels" / f"{name.replace('/', '__')}.png"
+
+
 def label_picture(label: np.ndarray, dataset: SDMDataset) -> np.ndarray:
     """A label map [H, W] as RGB uint8: the landscape palette, else a fixed random colour per class."""
     if dataset.name == "landscape":
