@@ -27,7 +27,7 @@ from datasets.io import atomic_write, save_image
 from datasets.sdm import SDMDataset
 from ldm.guidance import classifier_free_guidance
 from ldm.pipeline import image_seed
-from ldm.respace import solver_timesteps
+from ldm.respace import solver_timesteps, space_timesteps
 from ldm.samplers import PerImageNoise, ddim_sample, ddpm_sample, dpm_solver_pp_2m, unipc
 from ldm.schedule import Schedule
 from training.state import to_uint8
@@ -61,15 +61,16 @@ def default_guidance(dataset: str) -> float:
 
 
 def sample_timesteps(schedule: Schedule, sampler: str, steps: int) -> list[int]:
-    """The training timesteps a sampler visits from pure noise: ``ddpm``/``ddim`` evenly spaced
-    (all T for ``ddpm`` at T steps, as SDM); the multistep solvers uniform in log-SNR."""
+    """The training timesteps a sampler visits from pure noise, descending: ``ddpm``/``ddim`` as
+    guided-diffusion's ``timestep_respacing="N"`` keeps them (all T at N = T, SDM's default);
+    the multistep solvers uniform in log-SNR."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     top = schedule.num_timesteps
     if not 1 <= steps <= top:
         raise ValueError(f"steps must be in [1, {top}], got {steps}")
     if sampler in ("ddpm", "ddim"):
-        return sorted({int(round(v)) for v in np.linspace(0, top - 1, steps)}, reverse=True)
+        return sorted(space_timesteps(top, [steps]), reverse=True)
     return list(solver_timesteps(schedule, top - 1, steps))
 
 

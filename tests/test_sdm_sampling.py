@@ -129,3 +129,13 @@ def test_sample_sdm_options_fail_before_loading(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             sample_sdm.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sampler_timesteps():
+    from synthesis.sdm import sample_timesteps
+
+    schedule = make_schedule(ScheduleConfig())
+    assert sample_timesteps(schedule, "ddpm", 1000) == list(range(999, -1, -1))
+    assert sample_timesteps(schedule, "ddim", 4) == [999, 666, 333, 0]
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample_timesteps(schedule, "euler", 10)
