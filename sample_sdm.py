@@ -58,7 +58,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="default ddpm (SDM's)")
     parser.add_argument("--steps", type=int, help="network evaluations (default ddpm 1000, ddim 50, "
                                                   "dpm++2m and unipc 25)")
-    parser.add_argument("--batch_size", type=int, default=8, help="samples per network call (default 8)")
+    parser.add_argument("--batch_size", type=int, default=16, help="samples per network call (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--height", type=int, help="sample height (default: the dataset's / the model's)")
     parser.add_argument("--width", type=int, help="sample width")

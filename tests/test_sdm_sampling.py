@@ -139,3 +139,18 @@ def test_sampler_timesteps():
     assert sample_timesteps(schedule, "ddim", 4) == [999, 666, 333, 0]
     with pytest.raises(ValueError, match="unknown sampler"):
         sample_timesteps(schedule, "euler", 10)
+
+
+def test_shipped_demo_samples(tmp_path):
+    """The embedded default: the shipped checkpoint, synthetic masks, nothing else given."""
+    import sample_sdm
+    from datasets.io import load_image
+    from synthesis.sdm import DEMO_CHECKPOINT
+
+    assert DEMO_CHECKPOINT.is_file() and DEMO_CHECKPOINT.stat().st_size < 10 * 2 ** 20
+    out = tmp_path / "demo"
+    assert sample_sdm.main(["--sampler", "ddim", "--steps", "3", "--num_samples", "2", "--limit", "1",
+                            "--output_path", str(out), "--cpu"]) == 0
+    images = [load_image(out / f"synthetic00_{k}.png") for k in range(2)]
+    assert images[0].shape == (32, 32, 3) and images[0].std() > 0
+    assert not np.array_equal(images[0], images[1])
