@@ -154,3 +154,23 @@ def test_shipped_demo_samples(tmp_path):
     images = [load_image(out / f"synthetic00_{k}.png") for k in range(2)]
     assert images[0].shape == (32, 32, 3) and images[0].std() > 0
     assert not np.array_equal(images[0], images[1])
+
+
+def test_score_sdm_on_sampled_folder(tiny_sdm, tmp_path):
+    import sample_sdm
+    from datasets.io import load_image
+    from tools import score_sdm
+
+    out = tmp_path / "run"
+    assert sample_sdm.main(["--model", str(tiny_sdm), "--sampler", "ddim", "--steps", "3", "--num_samples", "3",
+                            "--limit", "2", "--output_path", str(out), "--cpu"]) == 0
+    assert score_sdm.main(["--results", str(out), "--cpu"]) == 0
+    scores = json.loads((out / "scores.json").read_text())
+    expected = []
+    for name in ("synthetic00", "synthetic01"):
+        images = [load_image(out / f"{name}_{k}.png").astype(np.float64) for k in range(3)]
+        expected.append(np.mean([np.abs(images[a] - images[b]).mean() for a, b in ((0, 1), (0, 2), (1, 2))]))
+    assert scores["pixel_diversity"] == pytest.approx(np.mean(expected))
+    assert set(scores["skipped"]) == {"lpips_diversity", "miou", "fid"}
+    (out / "synthetic01_2.png").unlink()
+    assert score_sdm.main(["--results", str(out), "--cpu"]) == 1
