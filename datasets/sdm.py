@@ -36,6 +36,7 @@ Samples come out at the dataset's size: photos resized bicubic, label and instan
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from datasets.io import _open, load_image
 from datasets.labels import DataError, one_hot, validate_label
 from datasets.transforms import resize_image, resize_label
 
+log = logging.getLogger("iidm.datasets")
 
 # ------------------------------------------------------------------------------ conventions
 def _identity(stored: np.ndarray) -> np.ndarray:
@@ -286,6 +288,8 @@ class SDMFolder:
     def __getitem__(self, index: int) -> SDMSample:
         image = load_image(self.image_paths[index])
         if image.shape[:2] != (self.height, self.width):
+            log.debug("%s: size %dx%d (HxW) resized to %dx%d", self.image_paths[index], *image.shape[:2],
+                      self.height, self.width)
             image = resize_image(image, self.height, self.width)
         label, instance = self.label(index)
         return SDMSample(self.names[index], image, label, sdm_mask(label, instance, self.dataset))
