@@ -3,6 +3,8 @@
     python train.py autoencoder --data TRAIN_ROOT --output_path RUN_DIR [--preset vq-f4|small|tiny] ...
     python train.py ldm --latents STORE --output_path RUN_DIR [--preset iidm|demo|tiny] ...
     python train.py ldm --latents STORE --init unet.safetensors --output_path RUN_DIR ...   # fine-tune
+    python train.py sdm --data ROOT --dataset ade20k --phase pretrain --output_path RUN_DIR [--preset sdm-ade20k]
+    python train.py sdm --data ROOT --dataset ade20k --phase finetune --init RUN_DIR/checkpoints/last.safetensors ...
     python train.py segmenter --data TRAIN_ROOT --output_path RUN_DIR [--widths 32,64,128,256,256] ...
     python train.py STAGE --output_path RUN_DIR --resume [--max_steps N ...]   # continue a run
 
@@ -28,7 +30,8 @@ from pathlib import Path
 import cli
 import jittor_env
 
-STAGES = ("autoencoder", "ldm", "segmenter")
+STAGES = ("autoencoder", "ldm", "sdm", "segmenter")
+SDM_DATASET_NAMES = ("cityscapes", "ade20k", "celeba", "coco", "landscape")
 USAGE = 2    # exit status: bad or missing options
 FAILED = 1   # exit status: the run could not start or stopped
 
@@ -87,6 +90,15 @@ def build_parser() -> cli.ArgumentParser:
                           "lower peak memory for about one more forward per step (docs/training.md)")
     ldm.add_argument("--vq", help="autoencoder that decodes the sample images (default: the store's, when its "
                                   "checksum still matches)")
+    sdm = parser.add_argument_group("sdm (pixel-space SDM; also takes --init, --mask_dropout, --ema_decay, "
+                                    "--grad_accum, --fp16, --data, --height, --width)")
+    sdm.add_argument("--dataset", help="label conventions and folder layout: cityscapes, ade20k, celeba, coco, "
+                                       "landscape (default landscape)")
+    sdm.add_argument("--split", choices=("train", "val"), help="which split of --data to train on (default train)")
+    sdm.add_argument("--phase", choices=("pretrain", "finetune"),
+                     help="SDM's two phases: pretrain (lr 1e-4, mask dropout 0) or finetune (lr 2e-5, mask "
+                          "dropout 0.2, normally with --init the pretrained weights); --lr / --mask_dropout "
+                          "override (default pretrain)")
     seg = parser.add_argument_group("segmenter")
     seg.add_argument("--widths", help="channel widths of the segmenter's levels (default 32,64,128,256,256)")
     parser.alias("--out", "--output_path")
@@ -97,6 +109,8 @@ STAGE_OPTIONS = {
     "autoencoder": {"data", "height", "width", "disc_start", "lpips_vgg", "lpips_heads", "init", "codebook_restart"},
     "ldm": {"init", "latents", "mask_dropout", "ema_decay", "latent_scale", "grad_accum", "fp16", "grad_checkpoint", "vq"},
     "segmenter": {"data", "height", "width", "widths"},
+    "sdm": {"data", "height", "width", "init", "mask_dropout", "ema_decay", "grad_accum", "fp16", "dataset",
+            "split", "phase"},
 }
 COMMON = ("batch_size", "lr", "max_steps", "save_every", "sample_every", "keep_every", "max_bad_steps", "seed")
 
@@ -104,13 +118,15 @@ COMMON = ("batch_size", "lr", "max_steps", "save_every", "sample_every", "keep_e
 def check_options(parser: cli.ArgumentParser, args) -> None:
     """Options of another stage, missing paths and bad values end the run (exit 2) before anything loads."""
     given = {name for name in set().union(*STAGE_OPTIONS.values()) if getattr(args, name) not in (None, False)}
+    if args.dataset is not None and args.dataset not in SDM_DATASET_NAMES:
+        parser.error(f"--dataset must be one of {', '.join(SDM_DATASET_NAMES)}, got {args.dataset!r}")
     foreign = sorted(given - STAGE_OPTIONS[args.stage])
     if foreign:
         parser.error(f"{', '.join('--' + n for n in foreign)}: not an option of the {args.stage} stage")
     if not args.output_path:
         parser.error("every stage needs --output_path RUN_DIR")
     if not args.resume:
-        needed = {"autoencoder": "data", "ldm": "latents", "segmenter": "data"}[args.stage]
+        needed = {"autoencoder": "data", "ldm": "latents", "segmenter": "data", "sdm": "data"}[args.stage]
         if not getattr(args, needed):
             parser.error(f"the {args.stage} stage needs --{needed}")
     for name in ("batch_size", "max_steps", "max_bad_steps", "height", "width", "grad_accum"):
@@ -270,6 +286,61 @@ def ldm_stage(args) -> str:
             f"checkpoint {result['checkpoint']}")
 
 
+def sdm_stage(args) -> str:
+    from dataclasses import replace
+
+    from datasets.sdm import SDMFolder, sdm_dataset
+    from ldm.pixel_training import PHASES, train
+    from ldm.training import TrainConfig
+    from models import UNetConfig, UNetModel, unet_preset
+    from training.loop import checkpoint_to_resume, materialize, seed_everything
+    from weights.checkpoint import load_checkpoint, load_weights
+
+    if args.resume:
+        source = checkpoint_to_resume(Path(args.output_path))
+        if source is None:
+            raise FileNotFoundError(f"{args.output_path}: nothing to resume")
+        stored = load_checkpoint(source, "unet").config
+        if "dataset" not in stored:
+            raise ValueError(f"{source}: not an SDM training checkpoint")
+        unet_config = UNetConfig.from_dict(stored["network"])
+        config, data = TrainConfig.from_dict(stored["train"]), stored["data"]
+        dataset, size = stored["dataset"], stored["size"]
+        height, width, data = size["height"], size["width"], args.data or data
+    else:
+        dataset = args.dataset or "landscape"
+        conventions = sdm_dataset(dataset)
+        height, width, data = args.height or conventions.height, args.width or conventions.width, args.data
+        if args.init:
+            start = load_checkpoint(args.init, "unet")
+            if start.diffusion["space"] != "pixel":
+                raise ValueError(f"--init {args.init}: a {start.diffusion['space']}-space U-Net, not an SDM one")
+            unet_config = replace(start.network_config(UNetConfig), use_fp16=args.fp16)
+            if args.preset and unet_preset(args.preset, use_fp16=args.fp16) != unet_config:
+                raise ValueError(f"--init {args.init} holds another network than --preset {args.preset}")
+            config = TrainConfig(schedule=start.diffusion["schedule"])
+        else:
+            preset = args.preset or ("sdm-demo" if dataset == "landscape" else f"sdm-{dataset}")
+            unet_config = unet_preset(preset, use_fp16=args.fp16)
+            config = TrainConfig()
+        config = replace(config, **PHASES[args.phase or "pretrain"])
+    given = given_options(args, COMMON + ("mask_dropout", "ema_decay", "grad_accum"))
+    given.update({flag: True for flag in ("fp16",) if getattr(args, flag)})
+    if args.resume and args.phase:
+        given = {**PHASES[args.phase], **given}
+    config = replace(config, **given)
+    folder = SDMFolder(dataset, data, args.split or "train", height=height, width=width)
+    seed_everything(config.seed)
+    unet = UNetModel(unet_config)
+    materialize(unet)
+    if args.init and not args.resume:
+        load_weights(unet, start.weights("ema"), args.init)
+        logging.getLogger("iidm").info("starting from the weights of %s", args.init)
+    result = train(unet, folder, args.output_path, config, resume=args.resume)
+    return (f"SDM trained to step {result['step']} ({result['updates']} updates, {result['bad_steps']} skipped); "
+            f"checkpoint {result['checkpoint']}")
+
+
 def segmenter_stage(args) -> str:
     from dataclasses import replace
 
@@ -318,7 +389,8 @@ def main(argv=None) -> int:
     from training.loop import TrainingStopped
     from weights.checkpoint import WeightsError
 
-    stage = {"autoencoder": autoencoder_stage, "ldm": ldm_stage, "segmenter": segmenter_stage}[args.stage]
+    stage = {"autoencoder": autoencoder_stage, "ldm": ldm_stage, "sdm": sdm_stage,
+             "segmenter": segmenter_stage}[args.stage]
     try:
         message = stage(args)
     except (ValueError, OSError, WeightsError, StoreError, DataError, LogError, TrainingStopped) as exc:

@@ -239,11 +239,15 @@ class LDMTask(Task):
         jt.sync(self.params + self.masters)
 
     # ------------------------------------------------------------------ one step
+    def draw(self, step: int) -> Batch:
+        """Everything random about step ``step`` (``draw_batch``; the pixel task draws its own)."""
+        return draw_batch(self.store, self.cfg, step)
+
     def step(self, step: int, update: bool = True) -> dict[str, Any]:
         """Forward/backward over the micro-batches of step ``step``'s batch and, if all is finite
         (and ``update``), one update. Returns the logged values (means over the global batch)."""
         cfg = self.cfg
-        batch = draw_batch(self.store, cfg, step)
+        batch = self.draw(step)
         scale = 2.0 ** self.lg_loss_scale if cfg.fp16 else 1.0
         grads, values, loss = self._gradients(batch, scale)
         values["mask_kept"] = float(batch.kept.mean())

@@ -151,6 +151,11 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
                  dropout=0.0, channel_mult=(1, 2, 2), num_classes=29, num_head_channels=32,
                  use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True,
                  norm_groups=8, spade_hidden_channels=32),
+    # A pixel-space SDM for 32x32 photos on a CPU (checkpoints/sdm_demo).
+    "sdm-demo": dict(in_channels=3, model_channels=32, num_res_blocks=1, attention_resolutions=(4,),
+                     dropout=0.0, channel_mult=(1, 2, 2), num_classes=29, num_head_channels=32,
+                     use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True,
+                     norm_groups=8, spade_hidden_channels=32),
     "tiny": dict(in_channels=3, model_channels=16, num_res_blocks=1, attention_resolutions=(2,),
                  dropout=0.0, channel_mult=(1, 2), num_classes=29, num_head_channels=8,
                  use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True,
@@ -164,6 +169,17 @@ LINEAR_1000 = {"kind": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "bet
 PRESET_DIFFUSION: dict[str, dict[str, Any]] = {
     "iidm": {"schedule": LINEAR_1000, "space": "latent", "latent_scale": 1.0},
 }
+
+# SDM's published pixel-space models (its scripts: 256 channels, channel_mult (1, 1, 2, 2, 4, 4) for
+# 256-pixel images, attention at 32, 16 and 8 pixels, 64 channels per head, learned sigma); the
+# mask has the dataset's classes plus the instance edge channel, except ADE20K (no_instance).
+_SDM_256 = dict(in_channels=3, model_channels=256, num_res_blocks=2, attention_resolutions=(8, 16, 32),
+                dropout=0.0, channel_mult=(1, 1, 2, 2, 4, 4), num_heads=4, num_head_channels=64,
+                use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True)
+for _name, _channels in (("cityscapes", 36), ("ade20k", 151), ("celeba", 20), ("coco", 184)):
+    UNET_PRESETS[f"sdm-{_name}"] = dict(_SDM_256, num_classes=_channels)
+    PRESET_DIFFUSION[f"sdm-{_name}"] = {"schedule": LINEAR_1000, "space": "pixel"}
+PRESET_DIFFUSION["sdm-demo"] = {"schedule": LINEAR_1000, "space": "pixel"}
 
 
 def unet_preset(name: str, **overrides: Any) -> UNetConfig:

@@ -372,13 +372,14 @@ def run(task: Task, out_dir: str | os.PathLike, loop: LoopConfig, *, resume: boo
 def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "ema",
                    dtype: str | None = None) -> None:
     """Write the ``which`` weights ("ema" or "model") of a training checkpoint as a weights
-    checkpoint of the network's kind (e.g. "unet"), with its network and diffusion config."""
+    checkpoint of the network's kind (e.g. "unet"), with its network and diffusion config (and an SDM run's dataset and size)."""
     source = load_checkpoint(checkpoint)
     if not source.training:
         raise WeightsError(f"{checkpoint}: already a weights checkpoint (kind {source.kind!r})")
     weights = source.weights(which)
     if dtype is not None:
         weights = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
-    config = {key: source.config[key] for key in ("network", "diffusion") if key in source.config}
+    config = {key: source.config[key] for key in ("network", "diffusion", "dataset", "size")
+              if key in source.config}
     extra = {"source": str(checkpoint), "weights": which, "step": source.step}
     save_checkpoint(out, weights, kind=source.kind, config=config, extra=extra)

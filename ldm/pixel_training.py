@@ -1,0 +1,164 @@
+"""Pixel-space training of SDM (Wang et al. 2022): the U-Net diffuses photos in [-1, 1] directly,
+under the one-hot label plus, for datasets with instances, the instance edge channel.
+
+Same task as the latent one (``ldm.training.LDMTask``: hybrid loss, AdamW, EMA, resume, the
+non-finite guard, the shared skeleton), with the batch drawn from photos instead of a latent
+store. SDM trains in two phases:
+
+    pretrain   lr 1e-4 (CelebAMask-HQ: 2e-5), mask dropout 0
+    fine-tune  lr 2e-5, mask dropout 0.2 (the whole mask, edge channel included, zeroed per sample),
+               starting from the pretrained weights
+
+``train.py sdm --phase pretrain|finetune`` sets those two options (``PHASES``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+import jittor_env  # noqa: F401  (must precede jittor)
+import jittor as jt
+
+from datasets.classes import colorize
+from datasets.io import save_image
+from datasets.sdm import SDMFolder
+from training.loop import batch_indices, run, step_rng
+from training.state import to_uint8
+from weights.checkpoint import diffusion_section
+from .guidance import drop_masks
+from .samplers import ddim_sample
+from .training import Batch, LDMTask, TrainConfig
+
+log = logging.getLogger("iidm.ldm.pixel")
+
+# SDM's two phases (its training scripts): options a phase sets unless given explicitly.
+PHASES: dict[str, dict[str, float]] = {
+    "pretrain": {"lr": 1e-4, "mask_dropout": 0.0},
+    "finetune": {"lr": 2e-5, "mask_dropout": 0.2},
+}
+
+
+class PixelStore:
+    """Training items of an ``SDMFolder``: photos as float32 [-1, 1] and their masks, in two views
+    (0 as stored, 1 mirrored left-right), read once and kept in memory as uint8 when ``cache``."""
+
+    def __init__(self, folder: SDMFolder, cache: bool = True):
+        self.folder = folder
+        self.path = folder.root
+        self.manifest = {"dataset": folder.dataset.name}
+        self.cache = cache
+        self._items: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (3, self.folder.height, self.folder.width)
+
+    def _item(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if index in self._items:
+            return self._items[index]
+        sample = self.folder[int(index)]
+        item = (sample.image, sample.mask.astype(np.uint8), sample.label.astype(np.int64))
+        if self.cache:
+            self._items[index] = item
+        return item
+
+    def batch(self, indices: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(photos float32 [B, 3, H, W] in [-1, 1], masks float32 [B, K, H, W], labels int64 [B, H, W])."""
+        images, masks, labels = [], [], []
+        for index, view in zip(np.asarray(indices), np.asarray(views)):
+            image, mask, label = self._item(int(index))
+            if view:
+                image, mask, label = image[:, ::-1], mask[:, :, ::-1], label[:, ::-1]
+            images.append(image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
+            masks.append(mask.astype(np.float32))
+            labels.append(label)
+        return np.stack(images), np.stack(masks), np.stack(labels)
+
+
+def draw_pixel_batch(store: PixelStore, config: TrainConfig, step: int) -> Batch:
+    """Step ``step``'s batch, every draw from one generator seeded by (seed, step): items, views,
+    t uniform on [0, T), noise, and the per-sample mask dropout."""
+    rng = step_rng(config.seed, step)
+    b = config.batch_size
+    indices = batch_indices(config.seed, step, b, len(store))
+    views = rng.integers(0, 2, size=b) if config.flip else np.zeros(b, dtype=np.int64)
+    images, masks, labels = store.batch(indices, views)
+    t = rng.integers(0, config.schedule.num_timesteps, size=b).astype(np.int32)
+    noise = rng.standard_normal(images.shape, dtype=np.float32)
+    dropped = drop_masks(masks, config.mask_dropout, rng)
+    kept = dropped.reshape(b, -1).any(axis=1)
+    return Batch(images, dropped, labels, t, noise, kept)
+
+
+class PixelTask(LDMTask):
+    """``LDMTask`` on photos: pixel-space diffusion, masks with the dataset's edge channel."""
+
+    name = "sdm"
+
+    def __init__(self, unet, store: PixelStore, config: TrainConfig):
+        if config.latent_scale != 1.0:
+            raise ValueError("pixel-space training has no latent scale")
+        channels = store.folder.dataset.mask_channels
+        if unet.config.num_classes != channels:
+            raise ValueError(f"the network takes {unet.config.num_classes} mask channels, the "
+                             f"{store.folder.dataset.name} masks have {channels}")
+        super().__init__(unet, store, config, decode=lambda x: x)
+
+    def draw(self, step: int) -> Batch:
+        return draw_pixel_batch(self.store, self.cfg, step)
+
+    def config(self) -> dict[str, Any]:
+        folder = self.store.folder
+        return {"network": self.unet.config.to_dict(),
+                "diffusion": diffusion_section(dataclasses.asdict(self.cfg.schedule), "pixel"),
+                "train": self.cfg.to_dict(), "data": str(folder.root), "dataset": folder.dataset.name,
+                "size": {"height": folder.height, "width": folder.width}}
+
+    def write_samples(self, path: Path, step: int) -> None:
+        """A PNG grid: masks (landscape colours, else the label scaled to grey), the photos, and
+        DDIM samples (``sample_steps`` steps, no guidance) under those masks."""
+        config, store, unet = self.cfg, self.store, self.unet
+        count = min(config.sample_count, len(store))
+        images, masks, labels = store.batch(np.arange(count), np.zeros(count, dtype=np.int64))
+        noise = jt.array(step_rng(config.seed, 0, 99).standard_normal(images.shape, dtype=np.float32))
+        stride = max(1, self.schedule.num_timesteps // config.sample_steps)
+        timesteps = list(range(self.schedule.num_timesteps - 1, -1, -stride))
+        mask = jt.array(masks)
+        unet.eval()
+        with jt.no_grad():
+            sample = ddim_sample(lambda x_t, t: unet(x_t, t, mask), self.schedule, noise, timesteps,
+                                 clip_denoised=True)
+        unet.train()
+        rows = [label_picture(labels, store.folder.dataset), to_uint8(images), to_uint8(sample.numpy())]
+        save_image(path, np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0))
+
+
+def label_picture(labels: np.ndarray, dataset) -> np.ndarray:
+    """Label maps [B, H, W] as RGB uint8: the landscape palette, else grey levels by class."""
+    if dataset.name == "landscape":
+        return np.stack([np.asarray(colorize(label.astype(np.uint8))) for label in labels])
+    grey = (labels * (255 // max(dataset.num_classes - 1, 1))).clip(0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def train(unet, folder: SDMFolder, out_dir: str | os.PathLike, config: TrainConfig, *, resume: bool = False,
+          progress: bool = True, step_hook: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    """Train ``unet`` on the photos of ``folder`` until ``config.max_steps`` (the shared skeleton:
+    checkpoints, exact resume); returns {"step", "updates", "bad_steps", "checkpoint", "first", "last"}."""
+    task = PixelTask(unet, PixelStore(folder), config)
+    log.info("SDM training on %d %s photos of %dx%d, batch %d, lr %.3g, mask dropout %.2f, to step %d",
+             len(folder), folder.dataset.name, folder.height, folder.width, config.batch_size, config.lr,
+             config.mask_dropout, config.max_steps)
+    unet.train()
+    result = run(task, out_dir, config.loop(), resume=resume, progress=progress, step_hook=step_hook)
+    return {"step": result.step, "updates": task.updates, "bad_steps": result.bad_steps,
+            "checkpoint": result.checkpoint, "first": result.first, "last": result.last}
