@@ -4,7 +4,7 @@ numpy AdamW and EMA, and a save/resume round trip through training/state.py."""
 import numpy as np
 import pytest
 
-# Twenty tensors (more than one chunk of 16), mixed shapes; small, so shapes compile once.
+# Twenty tensors, mixed shapes; small, so shapes compile once.
 SHAPES = [(5, 3), (7,), (4, 4, 3), (1,), (2, 3, 2)] * 4
 LR, BETAS, EPS, WD, DECAY = 1e-2, (0.9, 0.99), 1e-8, 0.1, 0.9
 
@@ -46,6 +46,7 @@ def test_fused_adamw_matches_jittor_adamw(jt, monkeypatch, parallel_min):
     import training.optim as optim
 
     monkeypatch.setattr(optim, "PARALLEL_MIN_ELEMENTS", parallel_min)   # threaded and one-thread paths
+    monkeypatch.setattr(optim, "CHUNK", 8)                              # three ops, the last one short
     init, grads = _data()
     ref_params, fused_params = [jt.array(x) for x in init], [jt.array(x) for x in init]
     ref = jt.optim.AdamW(ref_params, LR, eps=EPS, betas=BETAS, weight_decay=WD)

@@ -27,7 +27,7 @@ from typing import Sequence
 import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 
-CHUNK = 16                      # tensors per op: bounds the op's source text and input count
+CHUNK = 64                      # tensors per op: bounds the op's source text and input count
 PARALLEL_MIN_ELEMENTS = 65536   # below this many elements in a chunk, one thread (see models/kernels.py)
 KERNELS_HEADER = Path(__file__).with_name("optim_kernels.h")
 
