@@ -208,7 +208,6 @@ def main(argv=None) -> int:
     import jittor_env
 
     jt = jittor_env.setup()
-    jt.flags.use_cuda  # noqa: B018
     worker = TorchWorker(args.torch_python, args.threads, args.sdm_path, bool(jt.flags.use_cuda)) \
         if args.torch_python else None
     print(f"# Jittor {jt.__version__} ({'CUDA' if jt.flags.use_cuda else 'CPU'}), optimizer {args.optimizer}; "
