@@ -14,7 +14,7 @@ as ``bench.bench_ops.sdm_unet`` does, loading the Jittor model's weights by name
 A sampling step is one forward without gradients.
 
 Sizes: ``tiny`` and ``demo`` are the presets at their latent sizes; ``m64`` and ``m128`` are the
-``iidm`` preset with model_channels 64 (about 39 M parameters) at 24x32 and 128 (about 146 M) at
+``iidm`` preset with model_channels 64 at 32x48 (its five levels need sides divisible by 16) and 128 at
 48x64. Times are medians over ``--repeats`` rounds after ``--warmup`` steps; each round runs Jittor
 then PyTorch (so load changes hit both). The PyTorch half runs in a subprocess of
 ``--torch-python`` (torch is never a dependency of this project) with the same thread count. On a
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # name: (preset, overrides, (height, width))
     "tiny": ("tiny", {}, (16, 24)),
     "demo": ("demo", {}, (24, 32)),
-    "m64": ("iidm", {"model_channels": 64}, (24, 32)),
+    "m64": ("iidm", {"model_channels": 64}, (32, 48)),    # 5 levels: sides multiples of 16
     "m128": ("iidm", {"model_channels": 128}, (48, 64)),
 }
 LR, WEIGHT_DECAY, EMA_DECAY = 1e-4, 0.01, 0.9999
