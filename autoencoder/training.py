@@ -50,6 +50,7 @@ from autoencoder.vqmodel import KIND, TRAINING_PREFIX, VQConfig, VQModel, vq_con
 from datasets import TrainingSet, save_image
 from training.loop import (NON_FINITE, LoopConfig, Task, batch_indices, checkpoint_to_resume, materialize, run,
                            seed_everything, step_rng)
+from training.optim import FusedAdam
 from training.state import adam_state, load_adam_state, to_uint8
 from weights.checkpoint import WeightsError, load_checkpoint, load_weights
 
@@ -165,8 +166,9 @@ class AutoencoderTask(Task):
         ae_named, disc_named = _trainable(self.model), _trainable(self.loss.discriminator)
         self.ae_names, self.disc_names = [n for n, _ in ae_named], [n for n, _ in disc_named]
         lr = cfg.learning_rate
-        self.opt_ae = jt.optim.Adam([v for _, v in ae_named], lr, betas=BETAS)
-        self.opt_disc = jt.optim.Adam([v for _, v in disc_named], lr, betas=BETAS)
+        # Adam (not AdamW, as taming), fused: a few kernels per step for all tensors.
+        self.opt_ae = FusedAdam([v for _, v in ae_named], lr, betas=BETAS, decoupled=False)
+        self.opt_disc = FusedAdam([v for _, v in disc_named], lr, betas=BETAS, decoupled=False)
         self.usage = np.zeros(model_config.n_embed, dtype=np.int64) if cfg.codebook_restart else None
         self.model.train()
         self.loss.discriminator.train()

@@ -43,6 +43,7 @@ import jittor as jt
 from datasets import NUM_CLASSES, colorize, one_hot, save_image
 from training.loop import (NON_FINITE, LoopConfig, Task, TrainingStopped, batch_indices, checkpoint_to_resume,
                            run, step_rng)
+from training.optim import FusedAdamW
 from training.state import adam_state, load_adam_state, to_uint8
 from weights.checkpoint import WeightsError, config_from_dict, diffusion_section, load_checkpoint
 from .ema import EMA
@@ -189,8 +190,8 @@ class LDMTask(Task):
             jt.sync(self.params)
         # fp16 keeps float32 master copies for AdamW; in float32 the parameters are their own masters.
         self.masters = [p if p.dtype == "float32" else p.float32().clone().stop_grad() for p in self.params]
-        self.optimizer = jt.optim.AdamW(self.masters, config.lr, betas=(0.9, 0.999), eps=1e-8,
-                                        weight_decay=config.weight_decay)
+        self.optimizer = FusedAdamW(self.masters, config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                    weight_decay=config.weight_decay)
         self.ema = EMA(list(zip(self.names, self.masters)), config.ema_decay)
         self.updates = 0          # optimizer steps applied (Adam's bias-correction count)
         self.lg_loss_scale = config.initial_lg_loss_scale if config.fp16 else 0.0
@@ -327,16 +328,16 @@ class LDMTask(Task):
         return terms, [g.float32() if g.dtype != "float32" else g for g in grads]
 
     def _update(self, grads: list[jt.Var]) -> None:
-        """AdamW on the float32 masters, copied back to float16 parameters, then the EMA."""
+        """AdamW on the float32 masters and the EMA of the new masters (fused: a few kernels for
+        all tensors), then the masters copied back to float16 parameters."""
         group = self.optimizer.param_groups[0]
         group["grads"] = [g.stop_grad() for g in grads]
         self.optimizer.n_step = self.updates + 1
-        self.optimizer.step()
+        self.optimizer.step(ema=self.ema.vars(), ema_decay=self.ema.decay)
         self.updates += 1
         for p, master in zip(self.params, self.masters):
             if master is not p:
                 p.update(master.cast(p.dtype))
-        self.ema.update()
         jt.sync(self.masters + self.ema.vars() + group["m"] + group["values"])
 
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Optimizer state in and out of checkpoints, and image conversion for sample grids.
 
-Jittor's ``Adam``/``AdamW`` keep their moments in ``param_groups[0]["m"]`` and ``["values"]`` and
-the bias-correction count in ``n_step``; this module is the one place that reads and writes them,
+Jittor's ``Adam``/``AdamW`` and ``training.optim.FusedAdam`` (which the training loops use) keep
+their moments in ``param_groups[0]["m"]`` and ``["values"]`` and the bias-correction count in
+``n_step``; this module is the one place that reads and writes them,
 as named arrays ``m/NAME`` and ``v/NAME`` (Jittor Vars, fetched one at a time when saved).
 """
 
