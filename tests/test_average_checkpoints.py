@@ -103,8 +103,8 @@ def test_mismatches_name_the_key(tmp_path, capsys):
         average_arrays([a, missing], sources=["x", "y"])
     with pytest.raises(WeightsError, match="has extra z.extra"):
         average_arrays([a, {**a, "z.extra": np.zeros(1)}], sources=["x", "y"])
-    with pytest.raises(WeightsError, match="c.double: dtype float64 in x but float32 in y"):
-        average_arrays([a, {**a, "c.double": a["c.double"].astype(np.float32)}], sources=["x", "y"])
+    with pytest.raises(WeightsError, match="c.double: dtype float64 in x but int64 in y"):
+        average_arrays([a, {**a, "c.double": a["c.double"].astype(np.int64)}], sources=["x", "y"])
     with pytest.raises(WeightsError, match="steps: int64 array differs"):
         average_arrays([a, {**a, "steps": np.array([1, 2], np.int64)}], sources=["x", "y"])
     # the command line names the key and the files, and exits non-zero
@@ -133,3 +133,15 @@ def test_runs_as_a_script(tmp_path):
     avg, _ = read_checkpoint(out)
     np.testing.assert_array_equal(
         avg["a.weight"], mean64([arrays(0)["a.weight"], arrays(1)["a.weight"]], [0.5, 0.5]).astype(np.float32))
+
+
+def test_float_precisions_mix_into_the_widest():
+    """A float16 release averaged with a float32 snapshot: float32, each input's exact value
+    weighted (the float16 values widen exactly), computed independently here in float64."""
+    rng = np.random.default_rng(7)
+    half = rng.standard_normal((5, 4)).astype(np.float16)
+    single = rng.standard_normal((5, 4)).astype(np.float32)
+    avg = average_arrays([{"w": half}, {"w": single}], [1, 3])["w"]
+    assert avg.dtype == np.float32
+    expected = 0.25 * half.astype(np.float64) + 0.75 * single.astype(np.float64)
+    np.testing.assert_allclose(avg, expected.astype(np.float32), rtol=0, atol=1e-6)

@@ -3,9 +3,11 @@
     avg[name] = sum_i c_i * w_i[name]  with  c_i = coefficient_i / sum_j coefficient_j
 
 computed in float64 (as w_0 + sum_i c_i (w_i - w_0), so identical inputs come back unchanged)
-and cast back to each array's own dtype. Equal coefficients by default.
-Every input must be this project's checkpoint of the same network: same kind, same config,
-same names, shapes and dtypes (any difference is an error naming the key and the files).
+and cast back to the arrays' dtype: the widest of the inputs' when they are stored at different
+float precisions (a float16 release averaged with a float32 snapshot gives float32). Equal
+coefficients by default. Every input must be this project's checkpoint of the same network: same
+kind, same config, same names and shapes, floats where the others have floats (any difference
+is an error naming the key and the files).
 Integer arrays (counters, indices) are not averaged: they must be equal in every input and are
 copied. A training checkpoint contributes its EMA weights (``--weights ema``, default) or its
 raw weights (``--weights model``). The output is a weights checkpoint of the network's kind,
@@ -44,7 +46,8 @@ def normalized_coefficients(count: int, coefficients: Sequence[float] | None = N
 
 def average_arrays(states: Sequence[Mapping[str, np.ndarray]], coefficients: Sequence[float] | None = None,
                    sources: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """The weighted average of name -> array mappings with identical names, shapes and dtypes."""
+    """The weighted average of name -> array mappings with identical names, shapes and dtypes (or
+    float dtypes of different widths: the result takes the widest)."""
     sources = list(sources) if sources is not None else [f"input {i}" for i in range(len(states))]
     factors = normalized_coefficients(len(states), coefficients)
     first, first_source = states[0], sources[0]
@@ -63,12 +66,12 @@ def average_arrays(states: Sequence[Mapping[str, np.ndarray]], coefficients: Seq
             a, b = np.asarray(first[name]), np.asarray(state[name])
             if a.shape != b.shape:
                 raise WeightsError(f"{name}: shape {a.shape} in {first_source} but {b.shape} in {source}")
-            if a.dtype != b.dtype:
+            if a.dtype != b.dtype and not (np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating)):
                 raise WeightsError(f"{name}: dtype {a.dtype} in {first_source} but {b.dtype} in {source}")
     averaged = {}
     for name in first:
         values = [np.asarray(state[name]) for state in states]
-        dtype = values[0].dtype
+        dtype = np.result_type(*values)
         if np.issubdtype(dtype, np.floating):
             # w_0 + sum c_i (w_i - w_0) equals sum c_i w_i (the c_i sum to 1) and returns
             # identical inputs bit for bit, float64 ones included.
