@@ -168,8 +168,9 @@ def check_with_jittor(parser: cli.ArgumentParser, args, jt) -> None:
     """The checks that need the model code (presets) or the device, still before anything loads."""
     if args.preset is not None and args.stage == "ldm":
         from models.unet import UNET_PRESETS
-        if args.preset not in UNET_PRESETS:
-            parser.error(f"--preset {args.preset}: not a U-Net preset; choose one of {', '.join(UNET_PRESETS)}")
+        latent = [name for name in UNET_PRESETS if not name.startswith("sdm")]   # sdm-*: the sdm stage's
+        if args.preset not in latent:
+            parser.error(f"--preset {args.preset}: not a latent U-Net preset; choose one of {', '.join(latent)}")
     if args.preset is not None and args.stage == "autoencoder":
         from autoencoder.vqmodel import PRESETS
         if args.preset not in PRESETS:

@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("stage, options, message", [
-    ("ldm", ["--preset", "huge"], "--preset huge: not a U-Net preset; choose one of iidm, demo, tiny"),
+    ("ldm", ["--preset", "huge"], "--preset huge: not a latent U-Net preset; choose one of iidm, demo, tiny"),
     ("autoencoder", ["--preset", "huge"], "--preset huge: not an autoencoder preset"),
     ("segmenter", ["--preset", "tiny"], "--preset: not an option of the segmenter stage"),
     ("segmenter", ["--sample_every", "5"], "--sample_every: not an option of the segmenter stage"),
