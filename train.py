@@ -237,6 +237,25 @@ def latent_scale_option(text: str, store) -> float:
         raise ValueError(f"--latent_scale must be a number or 'auto', got {text!r}") from None
 
 
+def init_checkpoint(args, space: str):
+    """The --init checkpoint of a new ldm ("latent") or sdm ("pixel") run and the network config it
+    fixes; refused when it is the other kind of diffusion model or another network than --preset."""
+    from dataclasses import replace
+
+    from models import UNetConfig, unet_preset
+    from weights.checkpoint import load_checkpoint
+
+    start = load_checkpoint(args.init, "unet")
+    if start.diffusion["space"] != space:
+        raise ValueError(f"--init {args.init}: a {start.diffusion['space']}-space U-Net, not a {space}-space one "
+                         f"(the {args.stage} stage)")
+    unet_config = replace(start.network_config(UNetConfig), use_fp16=args.fp16)
+    if args.preset and unet_preset(args.preset, use_fp16=args.fp16) != unet_config:
+        raise ValueError(f"--init {args.init} holds another network than --preset {args.preset}; leave "
+                         "--preset out (the run takes the checkpoint's architecture)")
+    return start, unet_config
+
+
 def ldm_stage(args) -> str:
     from dataclasses import replace
 
@@ -244,7 +263,7 @@ def ldm_stage(args) -> str:
     from ldm.training import TrainConfig, stored_config, train
     from models import UNetConfig, UNetModel, unet_preset
     from training.loop import materialize, seed_everything
-    from weights.checkpoint import load_checkpoint, load_weights
+    from weights.checkpoint import load_weights
 
     if args.resume:
         unet_values, config, stored_latents = stored_config(args.output_path)
@@ -252,16 +271,9 @@ def ldm_stage(args) -> str:
         if args.preset and unet_preset(args.preset, use_fp16=unet_config.use_fp16) != unet_config:
             raise ValueError(f"{args.output_path} trains another network than --preset {args.preset}; leave it out")
     elif args.init:
-        start = load_checkpoint(args.init, "unet")
-        unet_config = replace(start.network_config(UNetConfig), use_fp16=args.fp16)
-        if args.preset and unet_preset(args.preset, use_fp16=args.fp16) != unet_config:
-            raise ValueError(f"--init {args.init} holds another network than --preset {args.preset}; leave "
-                             "--preset out (the run takes the checkpoint's architecture)")
-        diffusion = start.diffusion
-        if diffusion["space"] != "latent":
-            raise ValueError(f"--init {args.init}: a {diffusion['space']}-space U-Net, not a latent diffusion one")
-        config, stored_latents = TrainConfig(schedule=diffusion["schedule"],
-                                             latent_scale=diffusion["latent_scale"]), None
+        start, unet_config = init_checkpoint(args, "latent")
+        config, stored_latents = TrainConfig(schedule=start.diffusion["schedule"],
+                                             latent_scale=start.diffusion["latent_scale"]), None
     else:
         unet_config = unet_preset(args.preset or "iidm", use_fp16=args.fp16)
         config, stored_latents = TrainConfig(), None
@@ -313,12 +325,7 @@ def sdm_stage(args) -> str:
         conventions = sdm_dataset(dataset)
         height, width, data = args.height or conventions.height, args.width or conventions.width, args.data
         if args.init:
-            start = load_checkpoint(args.init, "unet")
-            if start.diffusion["space"] != "pixel":
-                raise ValueError(f"--init {args.init}: a {start.diffusion['space']}-space U-Net, not an SDM one")
-            unet_config = replace(start.network_config(UNetConfig), use_fp16=args.fp16)
-            if args.preset and unet_preset(args.preset, use_fp16=args.fp16) != unet_config:
-                raise ValueError(f"--init {args.init} holds another network than --preset {args.preset}")
+            start, unet_config = init_checkpoint(args, "pixel")
             config = TrainConfig(schedule=start.diffusion["schedule"])
         else:
             preset = args.preset or ("sdm-demo" if dataset == "landscape" else f"sdm-{dataset}")
