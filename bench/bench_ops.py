@@ -387,17 +387,13 @@ def torch_worker(threads: int, sdm_path: str | None) -> None:
             return
 
 
-class TorchWorker:
-    """The PyTorch half, in a subprocess of ``python`` with ``threads`` threads."""
+class WorkerProcess:
+    """A benchmark's other half in a subprocess (another interpreter, e.g. PyTorch's venv) that
+    answers one JSON command per line with a ``RESULT {json}`` line; its first answer is ``info``."""
 
-    def __init__(self, python: str, threads: int, sdm_path: str | None):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        command = [python, __file__, "--torch-worker", str(threads)]
-        command += ["--sdm-path", sdm_path] if sdm_path else []
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env=env)
+    def __init__(self, command: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()
-        self.next_id = 0
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
@@ -405,24 +401,10 @@ class TorchWorker:
                 return json.loads(line[len("RESULT "):])
         raise RuntimeError(f"the PyTorch worker stopped (exit code {self.proc.wait()}); see its stderr above")
 
-    def _ask(self, **command) -> dict:
+    def ask(self, **command) -> dict:
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         return self._read()
-
-    def op(self, case: dict) -> dict:
-        """{mode: runner} for an op case."""
-        key, self.next_id = self.next_id, self.next_id + 1
-        self._ask(cmd="op", id=key, case=case)
-        return {mode: self._runner(key, mode) for mode in ("fwd", "fwd+bwd")}
-
-    def unet(self, spec: dict):
-        key, self.next_id = self.next_id, self.next_id + 1
-        got = self._ask(cmd="unet", id=key, spec=spec)
-        return self._runner(key, spec["mode"]), got["relative_difference"]
-
-    def _runner(self, key: int, mode: str):
-        return lambda calls: self._ask(cmd="run", id=key, mode=mode, n=calls)["times"]
 
     def close(self) -> None:
         try:
@@ -431,6 +413,31 @@ class TorchWorker:
         except OSError:
             pass
         self.proc.wait()
+
+
+class TorchWorker(WorkerProcess):
+    """The PyTorch half, in a subprocess of ``python`` with ``threads`` threads."""
+
+    def __init__(self, python: str, threads: int, sdm_path: str | None):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        command = [python, __file__, "--torch-worker", str(threads)]
+        command += ["--sdm-path", sdm_path] if sdm_path else []
+        super().__init__(command, env)
+        self.next_id = 0
+
+    def op(self, case: dict) -> dict:
+        """{mode: runner} for an op case."""
+        key, self.next_id = self.next_id, self.next_id + 1
+        self.ask(cmd="op", id=key, case=case)
+        return {mode: self._runner(key, mode) for mode in ("fwd", "fwd+bwd")}
+
+    def unet(self, spec: dict):
+        key, self.next_id = self.next_id, self.next_id + 1
+        got = self.ask(cmd="unet", id=key, spec=spec)
+        return self._runner(key, spec["mode"]), got["relative_difference"]
+
+    def _runner(self, key: int, mode: str):
+        return lambda calls: self.ask(cmd="run", id=key, mode=mode, n=calls)["times"]
 
 
 def run_all(args, cases: list[dict], unet_specs: list, exchange: Path) -> tuple[list, list, dict | None]:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -153,32 +152,13 @@ def torch_worker(threads: int, sdm_path: str) -> None:
             return
 
 
-class TorchWorker:
-    def __init__(self, python: str, threads: int, sdm_path: str, cuda: bool):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   BENCH_TORCH_CUDA="1" if cuda else "0")
-        self.proc = subprocess.Popen([python, __file__, "--torch-worker", str(threads), "--sdm-path", sdm_path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.info = self._read()
+def start_torch_worker(python: str, threads: int, sdm_path: str, cuda: bool):
+    """This script's PyTorch half (``--torch-worker``) in ``python`` with ``threads`` threads."""
+    from bench.bench_ops import WorkerProcess
 
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith("RESULT "):
-                return json.loads(line[len("RESULT "):])
-        raise RuntimeError(f"the PyTorch worker stopped (exit code {self.proc.wait()}); see its stderr above")
-
-    def ask(self, **command) -> dict:
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        self.proc.wait()
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               BENCH_TORCH_CUDA="1" if cuda else "0")
+    return WorkerProcess([python, __file__, "--torch-worker", str(threads), "--sdm-path", sdm_path], env)
 
 
 def main(argv=None) -> int:
@@ -208,7 +188,7 @@ def main(argv=None) -> int:
     import jittor_env
 
     jt = jittor_env.setup()
-    worker = TorchWorker(args.torch_python, args.threads, args.sdm_path, bool(jt.flags.use_cuda)) \
+    worker = start_torch_worker(args.torch_python, args.threads, args.sdm_path, bool(jt.flags.use_cuda)) \
         if args.torch_python else None
     print(f"# Jittor {jt.__version__} ({'CUDA' if jt.flags.use_cuda else 'CPU'}), optimizer {args.optimizer}; "
           f"PyTorch {worker.info if worker else '-'}; {args.threads} threads; {os.uname().nodename}; "
