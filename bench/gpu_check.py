@@ -234,9 +234,11 @@ def infer_worker(args) -> None:
             latent = encode(references)
             dec = timed(lambda: decode(latent))
             transfer = timed(lambda: [color_transfer(r, r[::-1]) for r in references])
-            record = {"batch": batch, "status": "ok", "guided_call_seconds": round(call, 4),
-                      "encode_seconds": round(enc, 4), "decode_seconds": round(dec, 4),
-                      "color_transfer_seconds": round(transfer, 4)}
+            # Six decimals: the projections multiply the per-call time by up to 640, so a coarser
+            # rounding would keep the JSON from reproducing its own projected rows.
+            record = {"batch": batch, "status": "ok", "guided_call_seconds": round(call, 6),
+                      "encode_seconds": round(enc, 6), "decode_seconds": round(dec, 6),
+                      "color_transfer_seconds": round(transfer, 6)}
             for name, count in passes.items():
                 # 3 rounds: an encode and a decode each, a colour transfer before rounds 1 and 2.
                 record[f"{name}_projected_seconds"] = round(count // 2 * call + 3 * (enc + dec) + 2 * transfer, 3)
