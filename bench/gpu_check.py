@@ -153,7 +153,7 @@ def train_worker(args) -> None:
                     times.append(time.perf_counter() - started)
                 memory = device_memory_used() if jt.flags.use_cuda else peak_rss()
                 seconds = statistics.median(times)
-                emit({"batch": batch, "status": "ok", "seconds": round(seconds, 4),
+                emit({"batch": batch, "status": "ok", "seconds": round(seconds, 6),
                       "first_two_steps_seconds": round(compile_seconds, 2), "samples_per_s": round(batch / seconds, 3),
                       "memory_bytes": memory, "memory_kind": "device used" if jt.flags.use_cuda else "peak RSS",
                       "loss": values.get("loss"), "first_loss": first.get("loss"),
