@@ -23,7 +23,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
-from models.layers import GroupNorm, SiLU, group_norm_act, qkv_attention_legacy
+from models.layers import Conv2d, GroupNorm, SiLU, conv2d, group_norm_act, qkv_attention_legacy
 
 # SPADE's hidden width (SDM and NVlabs/SPADE: nhidden = 128).
 SPADE_HIDDEN_CHANNELS = 128
@@ -96,8 +96,8 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> Conv2d:
+    return Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
 class PointwiseConv1d(nn.Module):
@@ -115,7 +115,7 @@ class PointwiseConv1d(nn.Module):
     def execute(self, x: jt.Var) -> jt.Var:
         b, c, length = x.shape
         weight = self.weight.reshape((self.out_channels, self.in_channels, 1, 1))
-        y = nn.conv2d(x.reshape((b, c, length, 1)), weight, self.bias)
+        y = conv2d(x.reshape((b, c, length, 1)), weight, self.bias)
         return y.reshape((b, self.out_channels, length))
 
 
@@ -258,7 +258,7 @@ class ResBlock(TimestepBlock):
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
-            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+            self.skip_connection = Conv2d(channels, self.out_channels, 1)
 
     def execute(self, x: jt.Var, emb: jt.Var) -> jt.Var:
         # The norms apply the SiLU that follows them (in_layers[1], out_layers[1]) fused.
@@ -316,7 +316,7 @@ class SDMResBlock(MaskBlock):
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
-            self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
+            self.skip_connection = Conv2d(channels, self.out_channels, 1)
 
     def execute(self, x: jt.Var, emb: jt.Var, mask: jt.Var) -> jt.Var:
         # The SPADE norms apply the SiLU that follows them (in_layers[0], out_layers[0]) fused.

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import jittor_env  # noqa: F401  (must precede jittor)
@@ -42,17 +43,24 @@ import jittor as jt
 PARALLEL_MIN_ELEMENTS = 65536
 
 KERNELS_HEADER = Path(__file__).with_name("cpu_kernels.h")
+CONV_HEADER = Path(__file__).with_name("cpu_conv.h")
+
+
+@functools.lru_cache(maxsize=None)
+def _include(header: Path) -> str:
+    """An include of ``header`` by absolute path, tagged with a hash of its content. Jittor names
+    a compiled kernel by its source text, in which an included file appears only as this line;
+    the hash makes an edited header compile anew."""
+    digest = hashlib.sha1(header.read_bytes()).hexdigest()[:16]
+    path = str(header.resolve()).replace("\\", "/")
+    return f'#include "{path}"  // content {digest}\n'
 
 
 @functools.lru_cache(maxsize=None)
 def _header(with_sgemm: bool = False) -> str:
-    """The ops' ``cpu_header``: an include of ``cpu_kernels.h`` by absolute path, tagged with a
-    hash of its content. Jittor names a compiled kernel by its source text, in which an included
-    file appears only as this line; the hash makes an edited header compile anew."""
-    digest = hashlib.sha1(KERNELS_HEADER.read_bytes()).hexdigest()[:16]
-    path = str(KERNELS_HEADER.resolve()).replace("\\", "/")
+    """The ops' ``cpu_header``: an include of ``cpu_kernels.h``."""
     define = "#define IIDM_WITH_SGEMM\n" if with_sgemm else ""
-    return f'{define}#include "{path}"  // content {digest}\n'
+    return define + _include(KERNELS_HEADER)
 
 
 @functools.lru_cache(maxsize=256)
@@ -258,3 +266,118 @@ def qkv_attention_legacy(qkv: jt.Var, num_heads: int) -> jt.Var:
     if width % (3 * num_heads):
         raise ValueError(f"qkv_attention_legacy: width {width} is not 3 x {num_heads} heads x c")
     return _QKVAttentionLegacy(num_heads)(qkv)
+
+
+# ------------------------------------------------------------------------------ convolution
+
+
+@functools.lru_cache(maxsize=None)
+def _dnnl_include_dir() -> str:
+    """The include folder of the oneDNN Jittor compiled its oneDNN ops against: ``$mkl_include_path``
+    when set, else the copy Jittor unpacks under ``~/.cache/jittor/mkl``."""
+    if os.environ.get("mkl_include_path"):
+        return os.environ["mkl_include_path"]
+    import jittor_utils
+
+    root = Path(jittor_utils.home()) / ".cache" / "jittor" / "mkl"
+    for folder in sorted(root.glob("dnnl*")):
+        if (folder / "include" / "dnnl.hpp").is_file():
+            return str(folder / "include")
+    raise FileNotFoundError(f"no oneDNN headers (dnnl*/include/dnnl.hpp) under {root}")
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_header() -> str:
+    return '#include "oneapi/dnnl/dnnl.hpp"\n' + _include(CONV_HEADER)
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_options() -> dict:
+    """The convolution op's ``compile_options``: Jittor adds a ``FLAGS:`` key's text to the
+    compiler's command line (here the oneDNN include folder, which Jittor's ``jt.code`` ops do
+    not otherwise get; its own oneDNN ops are compiled with it)."""
+    return {f"FLAGS: -I{_dnnl_include_dir()} ": 1}
+
+
+def _conv_source(with_bias: bool) -> str:
+    bias = "in2_p" if with_bias else "nullptr"
+    return (f'iidm::conv2d_forward(in0_p, in1_p, {bias}, out0_p, in0_shape0, in0_shape1, in0_shape2, '
+            'in0_shape3, in1_shape0, in1_shape2, in1_shape3, out0_shape2, out0_shape3, '
+            '(long)data["stride_h"], (long)data["stride_w"], (long)data["pad_h"], (long)data["pad_w"], '
+            '(long)data["dilation_h"], (long)data["dilation_w"], (long)data["groups"], (long)data["layout"]);')
+
+
+_CONV_SOURCES = {True: _conv_source(True), False: _conv_source(False)}
+# 0: oneDNN picks the layouts (NHWC for its brgconv kernels) and the op reorders around it;
+# 1: the convolution runs on NCHW as given (oneDNN then uses im2col and sgemm).
+CONV_LAYOUT = 0
+
+
+def _conv2d_forward(x, weight, bias, geometry: dict) -> jt.Var:
+    n, _, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = geometry["stride"], geometry["padding"], geometry["dilation"]
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    data = _conv_data(sh, sw, ph, pw, dh, dw, geometry["groups"], CONV_LAYOUT)
+    inputs = [x, weight] if bias is None else [x, weight, bias]
+    y = jt.code((n, out_channels, out_h, out_w), "float32", inputs, cpu_header=_conv_header(),
+                cpu_src=_CONV_SOURCES[bias is not None], data=data)
+    y.compile_options = _conv_options()
+    return y
+
+
+@functools.lru_cache(maxsize=256)
+def _conv_data(sh: int, sw: int, ph: int, pw: int, dh: int, dw: int, groups: int, layout: int) -> dict:
+    return {"stride_h": sh, "stride_w": sw, "pad_h": ph, "pad_w": pw, "dilation_h": dh,
+            "dilation_w": dw, "groups": groups, "layout": layout}
+
+
+class _Conv2d(jt.Function):
+    """Forward: the cached oneDNN convolution of ``cpu_conv.h``. Backward: Jittor's own oneDNN
+    convolution-backward ops (the ones ``jt.nn.conv2d``'s gradient runs on the CPU) and a sum
+    over N, H, W for the bias."""
+
+    def __init__(self, geometry: dict):
+        self.geometry = geometry
+
+    def execute(self, x, weight, bias):
+        self.saved = (x, weight, bias is not None)
+        return _conv2d_forward(x, weight, bias, self.geometry)
+
+    def grad(self, grad_y):
+        from jittor import compile_extern
+
+        x, weight, with_bias = self.saved
+        ops = compile_extern.mkl_ops
+        g = self.geometry
+        (sh, sw), (ph, pw), (dh, dw) = g["stride"], g["padding"], g["dilation"]
+        dx = ops.mkl_conv_backward_x(weight, grad_y, x.shape[2], x.shape[3], sh, sw, ph, pw, dh, dw,
+                                     g["groups"])
+        dweight = ops.mkl_conv_backward_w(x, grad_y, weight.shape[2], weight.shape[3], sh, sw, ph, pw,
+                                          dh, dw, g["groups"])
+        return dx, dweight, grad_y.sum([0, 2, 3]) if with_bias else None
+
+
+def _pair(value) -> tuple[int, int]:
+    return (int(value[0]), int(value[1])) if isinstance(value, (tuple, list)) else (int(value), int(value))
+
+
+def conv2d(x: jt.Var, weight: jt.Var, bias: jt.Var | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> jt.Var:
+    """2-D convolution of x [N, C, H, W] with weight [O, C / groups, KH, KW] and bias [O]
+    (float32), as ``jt.nn.conv2d`` / PyTorch's ``conv2d``: zero padding on both sides of each
+    spatial axis, output size (H + 2 pad - dilation (KH - 1) - 1) // stride + 1. Needs
+    ``has_sgemm()`` (Jittor's oneDNN ops)."""
+    if x.ndim != 4 or weight.ndim != 4:
+        raise ValueError(f"conv2d: x and weight must be 4-D, got {list(x.shape)} and {list(weight.shape)}")
+    if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:
+        raise ValueError(f"conv2d: x {list(x.shape)} and weight {list(weight.shape)} do not match "
+                         f"for {groups} group(s)")
+    if bias is not None and bias.shape != [weight.shape[0]]:
+        raise ValueError(f"conv2d: bias must be [{weight.shape[0]}], got {list(bias.shape)}")
+    geometry = {"stride": _pair(stride), "padding": _pair(padding), "dilation": _pair(dilation),
+                "groups": int(groups)}
+    if jt.flags.no_grad:
+        return _conv2d_forward(x, weight, bias, geometry)
+    return _Conv2d(geometry)(x, weight, bias)

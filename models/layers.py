@@ -10,7 +10,8 @@ Two paths compute the same functions:
 * the reference path: plain Jittor ops (``*_reference``), used on CUDA, for float16, and whenever
   the kernels are switched off;
 * the CPU kernels of ``models/kernels.py`` (C++ with OpenMP; Jittor's own CPU kernels run on one
-  core), used automatically for float32 tensors when CUDA is off. ``IIDM_KERNELS=0`` in the
+  core; the convolution keeps what oneDNN builds between calls), used automatically for float32
+  tensors when CUDA is off. ``IIDM_KERNELS=0`` in the
   environment, or ``with use_kernels(False):``, selects the reference path on the CPU too.
 """
 
@@ -161,6 +162,24 @@ def qkv_attention_legacy(qkv: jt.Var, num_heads: int) -> jt.Var:
     if _kernel_applies(qkv) and kernels.has_sgemm():
         return kernels.qkv_attention_legacy(qkv, num_heads)
     return qkv_attention_legacy_reference(qkv, num_heads)
+
+
+def conv2d(x: jt.Var, weight: jt.Var, bias: jt.Var | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> jt.Var:
+    """2-D convolution as ``jt.nn.conv2d`` (the reference path, and the CUDA path: cuDNN). On the
+    CPU the kernel path is ``kernels.conv2d``: oneDNN as in Jittor's own convolution op, with the
+    primitive cached per geometry, the bias added inside the convolution, and 1x1 convolutions
+    as sgemm on NCHW; its gradients are Jittor's oneDNN convolution-backward ops."""
+    if _kernel_applies(x, weight, bias) and kernels.has_sgemm():
+        return kernels.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return nn.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and initialisation) that runs through ``conv2d`` above."""
+
+    def execute(self, x: jt.Var) -> jt.Var:
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class GroupNorm(nn.Module):

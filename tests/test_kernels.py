@@ -44,6 +44,26 @@ def np_attention_legacy(qkv, heads):
     return np.einsum("hts,hcs->hct", w, v).reshape(b, heads * c, length)
 
 
+def np_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Cross-correlation as PyTorch's conv2d: a sum over kernel taps of strided input windows."""
+    n, c, h, w = x.shape
+    o, c_per_group, kh, kw = weight.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    out_h = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    y = np.zeros((n, o, out_h, out_w))
+    o_per_group = o // groups
+    for g in range(groups):
+        inputs = padded[:, g * c_per_group:(g + 1) * c_per_group]
+        for i in range(kh):
+            for j in range(kw):
+                window = inputs[:, :, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
+                                j * dilation:j * dilation + stride * (out_w - 1) + 1:stride]
+                taps = weight[g * o_per_group:(g + 1) * o_per_group, :, i, j]
+                y[:, g * o_per_group:(g + 1) * o_per_group] += np.einsum("nchw,oc->nohw", window, taps)
+    return y if bias is None else y + bias.reshape(1, o, 1, 1)
+
+
 def numeric_gradients(fn, arrays, probe, step=1e-6):
     """d sum(fn(*arrays) * probe) / d array for every array, by central differences in float64."""
     grads = []
@@ -220,6 +240,96 @@ def test_attention_matches_float64(jt, threaded, batch, heads, key_offset):
     assert_close_scaled(grad, expected, 5e-5, "d attention / d qkv")
 
 
+# ------------------------------------------------------------------ convolution
+
+# (x shape, out channels, kernel, stride, padding, dilation, groups, bias): the U-Net's 3x3 and
+# stride-2 3x3 convolutions, its 1x1 skip and attention convolutions (the sgemm path), and
+# geometries that take oneDNN's general path (1x1 with stride or padding, dilation, groups).
+CONV_CASES = {
+    "3x3": ((2, 5, 6, 7), 4, 3, 1, 1, 1, 1, True),
+    "3x3_stride2_odd": ((1, 3, 7, 9), 5, 3, 2, 1, 1, 1, False),
+    "1x1": ((2, 6, 5, 4), 3, 1, 1, 0, 1, 1, True),
+    "1x1_nobias": ((1, 4, 3, 5), 6, 1, 1, 0, 1, 1, False),
+    "1x1_stride2_pad1": ((1, 4, 5, 6), 3, 1, 2, 1, 1, 1, True),
+    "3x3_dilation2_groups2": ((2, 4, 7, 6), 6, 3, 1, 2, 2, 2, True),
+}
+
+
+def conv_case(rng, name):
+    shape, out_channels, k, stride, padding, dilation, groups, with_bias = CONV_CASES[name]
+    x = rng.standard_normal(shape)
+    weight = rng.standard_normal((out_channels, shape[1] // groups, k, k)) / np.sqrt(shape[1] * k * k)
+    bias = rng.standard_normal(out_channels) if with_bias else None
+    return x, weight, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv2d_matches_float64_and_jittor(jt, name):
+    """Forward and d sum(conv * probe) / d (x, weight, bias) against float64 numpy (gradients by
+    central differences) and against ``jt.nn.conv2d`` and its gradients."""
+    from jittor import nn
+
+    from models import kernels
+
+    if not kernels.has_sgemm():
+        pytest.skip("Jittor's oneDNN ops are not loaded (use_mkl=0)")
+    rng = np.random.default_rng(8)
+    x, weight, bias, geometry = conv_case(rng, name)
+    arrays = [a for a in (x, weight, bias) if a is not None]
+    values = [jt.array(a.astype(np.float32)) for a in arrays]
+    bias_v = values[2] if bias is not None else None
+    y = kernels.conv2d(values[0], values[1], bias_v, **geometry)
+
+    def reference(*a):
+        return np_conv2d(a[0], a[1], a[2] if len(a) > 2 else None, **geometry)
+
+    expected = reference(*arrays)
+    assert y.shape == list(expected.shape)
+    assert_close_scaled(y.numpy(), expected, 1e-5, "conv2d")
+    probe = rng.standard_normal(expected.shape)
+    probe_v = jt.array(probe.astype(np.float32))
+    grads = jt.grad((y * probe_v).sum(), values)
+    y_jt = nn.conv2d(values[0], values[1], bias_v, **geometry)
+    grads_jt = jt.grad((y_jt * probe_v).sum(), values)
+    np.testing.assert_allclose(y.numpy(), y_jt.numpy(), rtol=1e-5, atol=1e-5)
+    for what, got, numeric, theirs in zip(("x", "weight", "bias"), grads,
+                                          numeric_gradients(reference, arrays, probe), grads_jt):
+        assert_close_scaled(got.numpy(), numeric, 2e-5, f"d conv2d / d {what}")
+        assert_close_scaled(got.numpy(), theirs.numpy(), 1e-5, f"d conv2d / d {what} vs jt.nn.conv2d")
+
+
+@pytest.mark.parametrize("layout", [0, 1], ids=["onednn_layout", "nchw"])
+def test_conv2d_cache_follows_shape_changes(jt, monkeypatch, layout):
+    """The op keeps one oneDNN plan per geometry and shares growing scratch buffers between
+    plans: alternating shapes (smaller after larger, and back) still give the right results."""
+    from models import kernels
+
+    if not kernels.has_sgemm():
+        pytest.skip("Jittor's oneDNN ops are not loaded (use_mkl=0)")
+    monkeypatch.setattr(kernels, "CONV_LAYOUT", layout)
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((4, 3, 3, 3)) / 5
+    bias = rng.standard_normal(4)
+    weight_v, bias_v = jt.array(weight.astype(np.float32)), jt.array(bias.astype(np.float32))
+    shapes = [(1, 3, 6, 5), (2, 3, 11, 9), (1, 3, 6, 5), (2, 3, 4, 4), (2, 3, 11, 9)]
+    for shape, stride in zip(shapes, (1, 1, 2, 1, 2)):
+        x = rng.standard_normal(shape)
+        with jt.no_grad():
+            y = kernels.conv2d(jt.array(x.astype(np.float32)), weight_v, bias_v, stride=stride, padding=1)
+        assert_close_scaled(y.numpy(), np_conv2d(x, weight, bias, stride=stride, padding=1), 1e-5,
+                            f"conv2d {shape} stride {stride}")
+
+
+def test_conv2d_rejects_bad_shapes(jt):
+    from models import kernels
+
+    x = jt.zeros((1, 4, 5, 5))
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.conv2d(x, jt.zeros((3, 3, 3, 3)))
+    with pytest.raises(ValueError, match="bias must be"):
+        kernels.conv2d(x, jt.zeros((3, 4, 3, 3)), jt.zeros((4,)))
+
+
 # ------------------------------------------------------------------ the header's exp and plumbing
 
 
@@ -318,6 +428,27 @@ def test_layers_route_through_kernels_on_cpu_only_when_enabled(jt, monkeypatch):
         layers.group_norm(x.float16(), 2)  # float16 takes the reference path (graph only: lazy)
     assert calls == [1]
     np.testing.assert_allclose(on, off, rtol=0, atol=1e-6)
+
+
+def test_conv2d_layer_routes_through_kernel_on_cpu_only_when_enabled(jt, monkeypatch):
+    from models import kernels, layers
+
+    if jt.flags.use_cuda or not kernels.has_sgemm():
+        pytest.skip("the convolution kernel is CPU-only and needs Jittor's oneDNN ops")
+    calls = []
+    real = kernels.conv2d
+    monkeypatch.setattr(kernels, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv(layers.KERNELS_ENV, raising=False)
+    conv = layers.Conv2d(3, 4, 3, padding=1)
+    x = jt.array(np.linspace(-1, 1, 2 * 3 * 5 * 6, dtype=np.float32).reshape(2, 3, 5, 6))
+    on = conv(x).numpy()
+    assert calls == [1]
+    with layers.use_kernels(False):
+        off = conv(x).numpy()
+    monkeypatch.setenv(layers.KERNELS_ENV, "0")
+    conv(x)
+    assert calls == [1]
+    np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)
 
 
 def test_unet_with_kernels_equals_reference_path(jt):
