@@ -4,8 +4,8 @@
     python -m bench.bench_ops --torch-python /tmp/torchenv/bin/python --sdm-path /tmp/sdm
     python -m bench.bench_ops --ops-only --repeats 30 --json ops.json
 
-Ops (group norm with 32 groups and its fused forms, SiLU, legacy attention, and, for context,
-a 3x3 convolution and a 1024^3 matmul, which are oneDNN in both frameworks) are timed forward
+Ops (group norm with 32 groups and its fused forms, SiLU, legacy attention, 3x3 and 1x1
+convolutions, and, for context, a 1024^3 matmul, which is oneDNN in both frameworks) are timed forward
 and forward+backward at U-Net shapes: Jittor's reference path (plain ops), the kernels of
 ``models/kernels.py``, and PyTorch's built-in ops. Forward+backward is d sum(op(...) * probe)
 with respect to every input, written the same way in both frameworks.
@@ -57,6 +57,7 @@ def op_cases() -> list[dict]:
         cases.append(dict(op="attention", shape=shape))
     for shape in CONV_SHAPES:
         cases.append(dict(op="conv3x3", shape=shape))
+        cases.append(dict(op="conv1x1", shape=shape))
     cases.append(dict(op="matmul", shape=(1024, 1024, 1024)))
     return cases
 
@@ -73,9 +74,9 @@ def op_flops(case: dict) -> float:
     if case["op"] == "matmul":
         m, k, n = case["shape"]
         return 2.0 * m * k * n
-    if case["op"] == "conv3x3":
+    if case["op"] in ("conv3x3", "conv1x1"):
         b, c, h, w = case["shape"]
-        return 2.0 * b * c * h * w * c * 9
+        return 2.0 * b * c * h * w * c * (9 if case["op"] == "conv3x3" else 1)
     if case["op"] == "attention":
         b, heads, c, t = case["shape"]
         return 4.0 * b * heads * c * t * t
@@ -94,9 +95,9 @@ def op_inputs(case: dict, rng) -> dict[str, np.ndarray]:
     if op == "attention":
         b, heads, c, t = shape
         return {"qkv": normal(b, 3 * heads * c, t)}
-    if op == "conv3x3":
-        c = shape[1]
-        return {"x": normal(*shape), "weight": normal(c, c, 3, 3) * 0.05, "bias": normal(c)}
+    if op in ("conv3x3", "conv1x1"):
+        c, k = shape[1], 3 if op == "conv3x3" else 1
+        return {"x": normal(*shape), "weight": normal(c, c, k, k) * 0.05, "bias": normal(c)}
     inputs = {"x": normal(*shape)}
     if op in ("group_norm", "group_norm_silu"):
         inputs.update(weight=1 + 0.1 * normal(shape[1]), bias=normal(shape[1]))
@@ -148,15 +149,15 @@ def time_rounds(runners: dict, repeats: int, warmup: int, calls: int, pause: flo
 
 def jittor_op(jt, case: dict, inputs: dict):
     """(forward function of the Jittor Vars, names of the inputs to differentiate)."""
-    from jittor import nn
-
     from models import layers
 
     op = case["op"]
     if op == "matmul":
         return (lambda v: jt.matmul(v["a"], v["b"])), ["a", "b"]
-    if op == "conv3x3":
-        return (lambda v: nn.conv2d(v["x"], v["weight"], v["bias"], padding=1)), ["x", "weight", "bias"]
+    if op in ("conv3x3", "conv1x1"):
+        padding = 1 if op == "conv3x3" else 0
+        return (lambda v: layers.conv2d(v["x"], v["weight"], v["bias"], padding=padding)), \
+            ["x", "weight", "bias"]
     if op == "attention":
         heads = case["shape"][1]
         return (lambda v: layers.qkv_attention_legacy(v["qkv"], heads)), ["qkv"]
@@ -172,7 +173,7 @@ def jittor_op(jt, case: dict, inputs: dict):
 
 
 def jittor_op_steps(jt, case: dict) -> dict:
-    """{mode: {path: step}} for one op case; conv and matmul have one path (no kernel of ours)."""
+    """{mode: {path: step}} for one op case; matmul has one path (no kernel of ours)."""
     from models.layers import use_kernels
 
     rng = np.random.default_rng(0)
@@ -195,7 +196,7 @@ def jittor_op_steps(jt, case: dict) -> dict:
                         fn(values).sync()
         return run
 
-    paths = ({"kernels": True} if case["op"] in ("conv3x3", "matmul")
+    paths = ({"kernels": True} if case["op"] == "matmul"
              else {"reference": False, "kernels": True})
     return {mode: {path: step(enabled, backward) for path, enabled in paths.items()}
             for mode, backward in (("fwd", False), ("fwd+bwd", True))}
@@ -263,8 +264,9 @@ def torch_op(torch, case: dict):
     op = case["op"]
     if op == "matmul":
         return lambda v: v["a"] @ v["b"]
-    if op == "conv3x3":
-        return lambda v: F.conv2d(v["x"], v["weight"], v["bias"], padding=1)
+    if op in ("conv3x3", "conv1x1"):
+        padding = 1 if op == "conv3x3" else 0
+        return lambda v: F.conv2d(v["x"], v["weight"], v["bias"], padding=padding)
     if op == "silu":
         return lambda v: F.silu(v["x"])
     if op == "group_norm":

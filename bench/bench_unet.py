@@ -43,14 +43,17 @@ def count_flops():
     from jittor import nn
 
     from models.blocks import PointwiseConv1d, QKVAttentionLegacy
+    from models.layers import Conv2d
 
     total = [0]
 
-    def conv2d(self, x):
-        y = original[nn.Conv2d](self, x)
-        kh, kw = self.kernel_size
-        total[0] += 2 * math.prod(y.shape) * (self.in_channels // self.groups) * kh * kw
-        return y
+    def conv2d_of(cls):  # nn.Conv2d and its subclass layers.Conv2d (which has its own execute)
+        def conv2d(self, x):
+            y = original[cls](self, x)
+            kh, kw = self.kernel_size
+            total[0] += 2 * math.prod(y.shape) * (self.in_channels // self.groups) * kh * kw
+            return y
+        return conv2d
 
     def linear(self, x):
         y = original[nn.Linear](self, x)
@@ -68,7 +71,7 @@ def count_flops():
         total[0] += 2 * 2 * batch * width * length * length
         return y
 
-    wrappers = {nn.Conv2d: conv2d, nn.Linear: linear, PointwiseConv1d: pointwise,
+    wrappers = {nn.Conv2d: conv2d_of(nn.Conv2d), Conv2d: conv2d_of(Conv2d), nn.Linear: linear, PointwiseConv1d: pointwise,
                 QKVAttentionLegacy: attention}
     original = {cls: cls.execute for cls in wrappers}
     try:

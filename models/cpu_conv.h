@@ -28,7 +28,7 @@
 namespace iidm {
 
 // geometry: N, C, H, W, O, KH, KW, OH, OW, stride h, w, padding h, w, dilation h, w, groups, bias,
-// and the layout choice (0 = oneDNN's choice with reorders, 1 = NCHW as given)
+// and the activations' layout inside (see conv2d_forward)
 struct ConvKey {
     int64_t v[18];
     bool operator==(const ConvKey& o) const { return std::memcmp(v, o.v, sizeof(v)) == 0; }
@@ -79,23 +79,28 @@ static ConvCache& conv_cache() {
     return cache;
 }
 
+// A network has a few dozen geometries; past this many (e.g. many input sizes in one process)
+// the cache starts again rather than growing without bound.
+static const size_t CONV_MAX_PLANS = 512;
+
 static ConvPlan* conv_plan(ConvCache& cache, const ConvKey& key) {
     auto found = cache.plans.find(key);
     if (found != cache.plans.end()) return found->second.get();
+    if (cache.plans.size() >= CONV_MAX_PLANS) cache.plans.clear();
     using tag = dnnl::memory::format_tag;
     using dt = dnnl::memory::data_type;
     using dims = dnnl::memory::dims;
     const int64_t* v = key.v;
     const int64_t N = v[0], C = v[1], H = v[2], W = v[3], O = v[4], KH = v[5], KW = v[6],
                   OH = v[7], OW = v[8], G = v[15];
-    const bool bias = v[16] != 0, as_given = v[17] != 0;
+    const bool bias = v[16] != 0, blocked = v[17] == 1;
     dims src_dims{N, C, H, W}, dst_dims{N, O, OH, OW};
     dims wei_dims = G > 1 ? dims{G, O / G, C / G, KH, KW} : dims{O, C / G, KH, KW};
     const tag wei_tag = G > 1 ? tag::goihw : tag::oihw;
     dnnl::memory::desc user_src_md(src_dims, dt::f32, tag::nchw), user_dst_md(dst_dims, dt::f32, tag::nchw),
         user_wei_md(wei_dims, dt::f32, wei_tag), bias_md(dims{O}, dt::f32, tag::x);
-    dnnl::memory::desc src_md = as_given ? user_src_md : dnnl::memory::desc(src_dims, dt::f32, tag::any);
-    dnnl::memory::desc dst_md = as_given ? user_dst_md : dnnl::memory::desc(dst_dims, dt::f32, tag::any);
+    const tag chosen = blocked ? tag::aBcd16b : tag::any;
+    dnnl::memory::desc src_md(src_dims, dt::f32, chosen), dst_md(dst_dims, dt::f32, chosen);
     dnnl::memory::desc wei_md(wei_dims, dt::f32, tag::any);
     // oneDNN counts dilation from 0 (no dilation), PyTorch and Jittor from 1.
     dims strides{v[9], v[10]}, padding{v[11], v[12]}, dilation{v[13] - 1, v[14] - 1};
@@ -128,11 +133,17 @@ static ConvPlan* conv_plan(ConvCache& cache, const ConvKey& key) {
 }
 
 // y [N, O, OH, OW] = conv(x [N, C, H, W], w [O, C / groups, KH, KW]) + b [O] (b may be null).
+//
+// Inside, activations are reordered to a layout oneDNN's fast kernels take. With channel counts
+// that are multiples of 16 the op asks for nChw16c (oneDNN's jit:avx512_core direct convolution,
+// the one PyTorch's oneDNN picks); measured on 2 Zen 4 cores at U-Net shapes it was 0-35% faster
+// than the NHWC brgconv kernel oneDNN 2.2 picks by itself (tag::any), which is kept for other
+// channel counts (at 3 input channels nChw16c was 250x slower).
 static void conv2d_forward(const float* x, const float* w, const float* b, float* y, int64_t N,
                            int64_t C, int64_t H, int64_t W, int64_t O, int64_t KH, int64_t KW,
                            int64_t OH, int64_t OW, int64_t stride_h, int64_t stride_w,
                            int64_t pad_h, int64_t pad_w, int64_t dilation_h, int64_t dilation_w,
-                           int64_t groups, int64_t layout) {
+                           int64_t groups) {
     const int64_t HW = H * W;
     if (KH == 1 && KW == 1 && stride_h == 1 && stride_w == 1 && pad_h == 0 && pad_w == 0 && groups == 1) {
         for (int64_t n = 0; n < N; n++) {
@@ -153,7 +164,7 @@ static void conv2d_forward(const float* x, const float* w, const float* b, float
     ConvCache& cache = conv_cache();
     std::lock_guard<std::mutex> guard(cache.lock);
     ConvKey key{{N, C, H, W, O, KH, KW, OH, OW, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                 dilation_w, groups, b != nullptr, layout}};
+                 dilation_w, groups, b != nullptr, (C / groups) % 16 == 0 && (O / groups) % 16 == 0}};
     ConvPlan* plan = conv_plan(cache, key);
     plan->user_src.set_data_handle(const_cast<float*>(x));
     plan->user_wei.set_data_handle(const_cast<float*>(w));

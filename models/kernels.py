@@ -304,13 +304,10 @@ def _conv_source(with_bias: bool) -> str:
     return (f'iidm::conv2d_forward(in0_p, in1_p, {bias}, out0_p, in0_shape0, in0_shape1, in0_shape2, '
             'in0_shape3, in1_shape0, in1_shape2, in1_shape3, out0_shape2, out0_shape3, '
             '(long)data["stride_h"], (long)data["stride_w"], (long)data["pad_h"], (long)data["pad_w"], '
-            '(long)data["dilation_h"], (long)data["dilation_w"], (long)data["groups"], (long)data["layout"]);')
+            '(long)data["dilation_h"], (long)data["dilation_w"], (long)data["groups"]);')
 
 
 _CONV_SOURCES = {True: _conv_source(True), False: _conv_source(False)}
-# 0: oneDNN picks the layouts (NHWC for its brgconv kernels) and the op reorders around it;
-# 1: the convolution runs on NCHW as given (oneDNN then uses im2col and sgemm).
-CONV_LAYOUT = 0
 
 
 def _conv2d_forward(x, weight, bias, geometry: dict) -> jt.Var:
@@ -319,7 +316,7 @@ def _conv2d_forward(x, weight, bias, geometry: dict) -> jt.Var:
     (sh, sw), (ph, pw), (dh, dw) = geometry["stride"], geometry["padding"], geometry["dilation"]
     out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    data = _conv_data(sh, sw, ph, pw, dh, dw, geometry["groups"], CONV_LAYOUT)
+    data = _conv_data(sh, sw, ph, pw, dh, dw, geometry["groups"])
     inputs = [x, weight] if bias is None else [x, weight, bias]
     y = jt.code((n, out_channels, out_h, out_w), "float32", inputs, cpu_header=_conv_header(),
                 cpu_src=_CONV_SOURCES[bias is not None], data=data)
@@ -328,9 +325,9 @@ def _conv2d_forward(x, weight, bias, geometry: dict) -> jt.Var:
 
 
 @functools.lru_cache(maxsize=256)
-def _conv_data(sh: int, sw: int, ph: int, pw: int, dh: int, dw: int, groups: int, layout: int) -> dict:
+def _conv_data(sh: int, sw: int, ph: int, pw: int, dh: int, dw: int, groups: int) -> dict:
     return {"stride_h": sh, "stride_w": sw, "pad_h": ph, "pad_w": pw, "dilation_h": dh,
-            "dilation_w": dw, "groups": groups, "layout": layout}
+            "dilation_w": dw, "groups": groups}
 
 
 class _Conv2d(jt.Function):

@@ -243,11 +243,14 @@ def test_attention_matches_float64(jt, threaded, batch, heads, key_offset):
 # ------------------------------------------------------------------ convolution
 
 # (x shape, out channels, kernel, stride, padding, dilation, groups, bias): the U-Net's 3x3 and
-# stride-2 3x3 convolutions, its 1x1 skip and attention convolutions (the sgemm path), and
+# stride-2 3x3 convolutions (channel counts that are multiples of 16 take the nChw16c layout,
+# others oneDNN's choice), its 1x1 skip and attention convolutions (the sgemm path), and
 # geometries that take oneDNN's general path (1x1 with stride or padding, dilation, groups).
 CONV_CASES = {
     "3x3": ((2, 5, 6, 7), 4, 3, 1, 1, 1, 1, True),
+    "3x3_c16": ((2, 16, 5, 6), 32, 3, 1, 1, 1, 1, True),
     "3x3_stride2_odd": ((1, 3, 7, 9), 5, 3, 2, 1, 1, 1, False),
+    "3x3_stride2_c16": ((1, 16, 7, 6), 16, 3, 2, 1, 1, 1, True),
     "1x1": ((2, 6, 5, 4), 3, 1, 1, 0, 1, 1, True),
     "1x1_nobias": ((1, 4, 3, 5), 6, 1, 1, 0, 1, 1, False),
     "1x1_stride2_pad1": ((1, 4, 5, 6), 3, 1, 2, 1, 1, 1, True),
@@ -298,20 +301,20 @@ def test_conv2d_matches_float64_and_jittor(jt, name):
         assert_close_scaled(got.numpy(), theirs.numpy(), 1e-5, f"d conv2d / d {what} vs jt.nn.conv2d")
 
 
-@pytest.mark.parametrize("layout", [0, 1], ids=["onednn_layout", "nchw"])
-def test_conv2d_cache_follows_shape_changes(jt, monkeypatch, layout):
+@pytest.mark.parametrize("channels", [3, 16], ids=["onednn_layout", "nChw16c"])
+def test_conv2d_cache_follows_shape_changes(jt, channels):
     """The op keeps one oneDNN plan per geometry and shares growing scratch buffers between
     plans: alternating shapes (smaller after larger, and back) still give the right results."""
     from models import kernels
 
     if not kernels.has_sgemm():
         pytest.skip("Jittor's oneDNN ops are not loaded (use_mkl=0)")
-    monkeypatch.setattr(kernels, "CONV_LAYOUT", layout)
     rng = np.random.default_rng(9)
-    weight = rng.standard_normal((4, 3, 3, 3)) / 5
-    bias = rng.standard_normal(4)
+    weight = rng.standard_normal((channels, channels, 3, 3)) / (3 * channels)
+    bias = rng.standard_normal(channels)
     weight_v, bias_v = jt.array(weight.astype(np.float32)), jt.array(bias.astype(np.float32))
-    shapes = [(1, 3, 6, 5), (2, 3, 11, 9), (1, 3, 6, 5), (2, 3, 4, 4), (2, 3, 11, 9)]
+    shapes = [(1, channels, 6, 5), (2, channels, 11, 9), (1, channels, 6, 5), (2, channels, 4, 4),
+              (2, channels, 11, 9)]
     for shape, stride in zip(shapes, (1, 1, 2, 1, 2)):
         x = rng.standard_normal(shape)
         with jt.no_grad():
