@@ -75,16 +75,21 @@ def jittor_worker(spec: dict) -> dict:
     x, t, mask = (jt.array(data[k]) for k in ("x", "t", "mask"))
     jt.sync_all(True)
     jt.gc()
-    built = status_mib("VmRSS")
+    built, build_peak = status_mib("VmRSS"), status_mib("VmHWM")
     reset_peak()
     for _ in range(spec["steps"]):
         started = time.perf_counter()
         with jt.no_grad():
-            model(x, t, mask).sync()
+            out = model(x, t, mask)
+            if spec["chain"]:  # a sampler's step: the next input depends on this output
+                x = x - 0.01 * out[:, :x.shape[1]]
+                x.sync()
+            else:
+                out.sync()
         seconds = time.perf_counter() - started
     peak = status_mib("VmHWM")
     live_peak = int(jt.get_max_memory_info().split("[!@#div1!@#]")[0]) / 2 ** 20
-    return dict(framework="jittor", built_MiB=built, peak_MiB=peak, seconds=seconds,
+    return dict(framework="jittor", built_MiB=built, build_peak_MiB=build_peak, peak_MiB=peak, seconds=seconds,
                 live_peak_MiB=live_peak, after_MiB=status_mib("VmRSS"),
                 parameters=sum(int(np.prod(p.shape)) for p in model.parameters()))
 
@@ -101,14 +106,17 @@ def torch_worker(spec: dict) -> dict:
     height, width = spec["height"], spec["width"]
     data = inputs(np, spec["config"], spec["batch"], height, width)
     x, t, mask = (torch.from_numpy(data[k]) for k in ("x", "t", "mask"))
-    built = status_mib("VmRSS")
+    built, build_peak = status_mib("VmRSS"), status_mib("VmHWM")
     reset_peak()
     for _ in range(spec["steps"]):
         started = time.perf_counter()
         with torch.no_grad():
-            model(x, t, mask)
+            out = model(x, t, mask)
+            if spec["chain"]:
+                x = x - 0.01 * out[:, :x.shape[1]]
         seconds = time.perf_counter() - started
-    return dict(framework="torch " + torch.__version__, built_MiB=built, peak_MiB=status_mib("VmHWM"),
+    return dict(framework="torch " + torch.__version__, built_MiB=built, build_peak_MiB=build_peak,
+                peak_MiB=status_mib("VmHWM"),
                 seconds=seconds, after_MiB=status_mib("VmRSS"),
                 parameters=sum(p.numel() for p in model.parameters()))
 
@@ -144,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="forwards per process (default 2)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chain", action="store_true",
+                        help="feed each forward x - 0.01 * output of the last (as a sampler's steps)")
     parser.add_argument("--variants", default="default", help="Jittor settings to compare (see above)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -157,7 +167,8 @@ def main(argv=None) -> int:
 
     rows = []
     for settings in parse_variants(args.variants):
-        spec = dict(framework="jittor", size=args.size, batch=args.batch, steps=args.steps, settings=settings)
+        spec = dict(framework="jittor", size=args.size, batch=args.batch, steps=args.steps, settings=settings,
+                    chain=args.chain)
         load = os.getloadavg()[0]
         rows.append(dict(run(sys.executable, spec, args.threads), variant=",".join(
             f"{k}={v}" for k, v in settings.items()) or "default", load=load))
@@ -170,19 +181,20 @@ def main(argv=None) -> int:
         overrides, (height, width) = SIZES[args.size]
         config = unet_preset("iidm" if overrides else args.size, **(overrides or {})).to_dict()
         spec = dict(framework="torch", config=config, height=height, width=width, batch=args.batch,
-                    steps=args.steps, threads=args.threads, sdm_path=args.sdm_path)
+                    steps=args.steps, threads=args.threads, sdm_path=args.sdm_path, chain=args.chain)
         load = os.getloadavg()[0]
         rows.append(dict(run(args.torch_python, spec, args.threads), variant="", load=load))
         print(json.dumps(rows[-1]), flush=True)
 
     torch_peak = next((r["peak_MiB"] for r in rows if r["framework"].startswith("torch")), None)
-    print(f"\n{args.size} batch {args.batch}, {args.steps} no_grad forwards, {args.threads} threads")
-    print(f"{'framework':14} {'variant':36} {'built MiB':>9} {'peak MiB':>9} {'growth':>7} {'/torch':>6} "
-          f"{'live peak':>9} {'s/fwd':>6} {'load':>5}")
+    print(f"\n{args.size} batch {args.batch}, {args.steps} no_grad forwards{' (chained)' if args.chain else ''}, "
+          f"{args.threads} threads")
+    print(f"{'framework':14} {'variant':36} {'build peak':>10} {'built MiB':>9} {'peak MiB':>9} {'growth':>7} "
+          f"{'/torch':>6} {'live peak':>9} {'s/fwd':>6} {'load':>5}")
     for r in rows:
         versus = f"{r['peak_MiB'] / torch_peak:6.2f}" if torch_peak else f"{'-':>6}"
         live = f"{r['live_peak_MiB']:9.0f}" if "live_peak_MiB" in r else f"{'-':>9}"
-        print(f"{r['framework']:14} {r['variant']:36} {r['built_MiB']:9.0f} {r['peak_MiB']:9.0f} "
+        print(f"{r['framework']:14} {r['variant']:36} {r['build_peak_MiB']:10.0f} {r['built_MiB']:9.0f} {r['peak_MiB']:9.0f} "
               f"{r['peak_MiB'] - r['built_MiB']:7.0f} {versus} {live} {r['seconds']:6.2f} {r['load']:5.1f}")
     return 0
 
