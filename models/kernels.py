@@ -18,6 +18,13 @@ each wrapped in a ``jt.Function`` whose ``grad`` is another such op:
   forward / forward+backward 134 / 851 ms with Jittor's batched matmul (one core), 186 / 441 ms
   with per-head 2-D ``nn.matmul`` calls, 19 / 62 ms with this kernel (same machine load); at the
   small shapes of the tiny and demo presets batched beat per-head, and the kernel beat both.
+* ``conv2d``: oneDNN's convolution forward (the library Jittor's own convolution op calls), C++ in
+  ``models/cpu_conv.h``, keeping per geometry what Jittor's op rebuilds on every call (the
+  primitive, the reorders between NCHW and the primitive's layout), adding the bias inside the
+  convolution (Jittor adds it in a separate single-threaded op) and running stride-1 1x1
+  convolutions as one sgemm per image on NCHW (no reorder). Backward is Jittor's own oneDNN
+  convolution-backward ops. Measured on the 2-core CPU (docs/benchmarks.md), forward time over
+  Jittor's op: 0.4-0.98x at the U-Net's 3x3 shapes, 0.04-0.5x at its 1x1 shapes.
 
 These functions do no device check: ``models/layers.py`` decides when they are used (float32
 tensors on the CPU) and keeps the plain Jittor ops as the reference path. All tensors are float32
@@ -287,6 +294,18 @@ def _dnnl_include_dir() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def conv2d_available() -> bool:
+    """True when ``conv2d`` can run: Jittor loaded its oneDNN ops and their headers are on disk."""
+    if not has_sgemm():
+        return False
+    try:
+        _dnnl_include_dir()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
 def _conv_header() -> str:
     return '#include "oneapi/dnnl/dnnl.hpp"\n' + _include(CONV_HEADER)
 
@@ -365,7 +384,7 @@ def conv2d(x: jt.Var, weight: jt.Var, bias: jt.Var | None = None, stride=1, padd
     """2-D convolution of x [N, C, H, W] with weight [O, C / groups, KH, KW] and bias [O]
     (float32), as ``jt.nn.conv2d`` / PyTorch's ``conv2d``: zero padding on both sides of each
     spatial axis, output size (H + 2 pad - dilation (KH - 1) - 1) // stride + 1. Needs
-    ``has_sgemm()`` (Jittor's oneDNN ops)."""
+    ``conv2d_available()`` (Jittor's oneDNN ops and headers)."""
     if x.ndim != 4 or weight.ndim != 4:
         raise ValueError(f"conv2d: x and weight must be 4-D, got {list(x.shape)} and {list(weight.shape)}")
     if x.shape[1] != weight.shape[1] * groups or weight.shape[0] % groups:

@@ -170,7 +170,7 @@ def conv2d(x: jt.Var, weight: jt.Var, bias: jt.Var | None = None, stride=1, padd
     CPU the kernel path is ``kernels.conv2d``: oneDNN as in Jittor's own convolution op, with the
     primitive cached per geometry, the bias added inside the convolution, and 1x1 convolutions
     as sgemm on NCHW; its gradients are Jittor's oneDNN convolution-backward ops."""
-    if _kernel_applies(x, weight, bias) and kernels.has_sgemm():
+    if _kernel_applies(x, weight, bias) and kernels.conv2d_available():
         return kernels.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return nn.conv2d(x, weight, bias, stride, padding, dilation, groups)
 

@@ -274,8 +274,8 @@ def test_conv2d_matches_float64_and_jittor(jt, name):
 
     from models import kernels
 
-    if not kernels.has_sgemm():
-        pytest.skip("Jittor's oneDNN ops are not loaded (use_mkl=0)")
+    if not kernels.conv2d_available():
+        pytest.skip("Jittor's oneDNN ops or headers are missing (use_mkl=0)")
     rng = np.random.default_rng(8)
     x, weight, bias, geometry = conv_case(rng, name)
     arrays = [a for a in (x, weight, bias) if a is not None]
@@ -307,8 +307,8 @@ def test_conv2d_cache_follows_shape_changes(jt, channels):
     plans: alternating shapes (smaller after larger, and back) still give the right results."""
     from models import kernels
 
-    if not kernels.has_sgemm():
-        pytest.skip("Jittor's oneDNN ops are not loaded (use_mkl=0)")
+    if not kernels.conv2d_available():
+        pytest.skip("Jittor's oneDNN ops or headers are missing (use_mkl=0)")
     rng = np.random.default_rng(9)
     weight = rng.standard_normal((channels, channels, 3, 3)) / (3 * channels)
     bias = rng.standard_normal(channels)
@@ -404,6 +404,25 @@ def test_header_text_names_the_kernels_file_and_its_content():
     assert "IIDM_WITH_SGEMM" in kernels._header(with_sgemm=True) and "IIDM_WITH_SGEMM" not in text
 
 
+def test_conv_header_and_flags_name_the_file_and_onednn_headers():
+    """The convolution op includes cpu_conv.h by path and content hash, and gets the oneDNN
+    include folder through a ``FLAGS:`` compile option (``jt.code`` has no include path of its own)."""
+    import hashlib
+    from pathlib import Path
+
+    from models import kernels
+
+    if not kernels.conv2d_available():
+        pytest.skip("Jittor's oneDNN ops or headers are missing (use_mkl=0)")
+    text = kernels._conv_header()
+    assert str(kernels.CONV_HEADER.resolve()) in text
+    assert hashlib.sha1(kernels.CONV_HEADER.read_bytes()).hexdigest()[:16] in text
+    (flag,) = kernels._conv_options()
+    assert flag.startswith("FLAGS:")
+    folder = flag.split("-I", 1)[1].strip()
+    assert (Path(folder) / "oneapi" / "dnnl" / "dnnl.hpp").is_file()
+
+
 # ------------------------------------------------------------------ selection and the U-Net
 
 
@@ -436,7 +455,7 @@ def test_layers_route_through_kernels_on_cpu_only_when_enabled(jt, monkeypatch):
 def test_conv2d_layer_routes_through_kernel_on_cpu_only_when_enabled(jt, monkeypatch):
     from models import kernels, layers
 
-    if jt.flags.use_cuda or not kernels.has_sgemm():
+    if jt.flags.use_cuda or not kernels.conv2d_available():
         pytest.skip("the convolution kernel is CPU-only and needs Jittor's oneDNN ops")
     calls = []
     real = kernels.conv2d
