@@ -135,8 +135,9 @@ static ConvPlan* conv_plan(ConvCache& cache, const ConvKey& key) {
 // y [N, O, OH, OW] = conv(x [N, C, H, W], w [O, C / groups, KH, KW]) + b [O] (b may be null).
 //
 // Inside, activations are reordered to a layout oneDNN's fast kernels take. With channel counts
-// that are multiples of 16 the op asks for nChw16c (oneDNN's jit:avx512_core direct convolution,
-// the one PyTorch's oneDNN picks); measured on 2 Zen 4 cores at U-Net shapes it was 0-35% faster
+// that are multiples of 16 the op asks for nChw16c (oneDNN's direct AVX-512 convolution,
+// "jit:avx512_common" in 2.2; PyTorch's oneDNN runs that kernel family on the same blocked
+// layout); measured on 2 Zen 4 cores at U-Net shapes it took 0-40% less time
 // than the NHWC brgconv kernel oneDNN 2.2 picks by itself (tag::any), which is kept for other
 // channel counts (at 3 input channels nChw16c was 250x slower).
 static void conv2d_forward(const float* x, const float* w, const float* b, float* y, int64_t N,
