@@ -30,13 +30,17 @@ Folder layouts (``split`` is ``train`` or ``val``)::
     coco        ROOT/{train,val}_img/NAME.jpg, ROOT/{train,val}_label/NAME.png, ROOT/{train,val}_inst/NAME.png
     landscape   ROOT/imgs/NAME.jpg, ROOT/labels/NAME.png (the challenge's; both splits read ROOT)
 
-Samples come out at the dataset's size: photos resized bicubic, label and instance maps nearest
-(SDM's evaluation-time resize; its training-time random crops are not reproduced).
+Samples come out at the dataset's size as SDM's loader makes them: photos halved with a box
+filter while both sides are at least twice the target's, then resized bicubic; label and instance
+maps resized nearest from their full size. ``random_crop`` is SDM's training view of its square
+datasets (ADE20K, CelebAMask-HQ, COCO-Stuff): the short side scaled to a random length in
+[S, ceil(1.25 S)] the same way, then a random S x S window (Cityscapes is only resized).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,6 +250,42 @@ def layout(dataset: SDMDataset, root: str | os.PathLike, split: str = "val"
     return names, [images[n] for n in names], labels, instances
 
 
+# ------------------------------------------------------------------------------ SDM's resizing
+def reduce_photo(image: Image.Image, height: int, width: int) -> Image.Image:
+    """SDM's downsampling before its bicubic resize: halve with a box filter (sides floored) while
+    both sides are at least twice the target's (for a square target: the short side at least 2 S)."""
+    while image.width >= 2 * width and image.height >= 2 * height:
+        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+    return image
+
+
+def resize_photo(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A photo uint8 [H, W, 3] to (height, width) as SDM's loader: box halvings, then bicubic."""
+    if image.shape[:2] == (height, width):
+        return image
+    return resize_image(np.asarray(reduce_photo(Image.fromarray(image), height, width)), height, width)
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, instance: np.ndarray | None, size: int,
+                rng: np.random.Generator, min_fraction: float = 0.8, max_fraction: float = 1.0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """SDM's training view of a square dataset: the photo's short side scaled to a random integer
+    length in [ceil(size / max_fraction), ceil(size / min_fraction)] (box halvings, then bicubic, the
+    long side rounded), the label and instance maps resized nearest from their full size to the
+    same shape, then one random ``size`` x ``size`` window of all three."""
+    short = int(rng.integers(math.ceil(size / max_fraction), math.ceil(size / min_fraction) + 1))
+    photo = reduce_photo(Image.fromarray(image), short, short)
+    scale = short / min(photo.size)
+    width, height = (round(side * scale) for side in photo.size)
+    photo = np.asarray(photo.resize((width, height), resample=Image.BICUBIC), dtype=np.uint8)
+    label = _resize_ids(label, height, width)
+    instance = None if instance is None else _resize_ids(instance, height, width)
+    top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+    window = (slice(top, top + size), slice(left, left + size))
+    return (photo[window].copy(), label[window].copy(),
+            None if instance is None else instance[window].copy())
+
+
 @dataclass(frozen=True)
 class SDMSample:
     """One item: photo uint8 [H, W, 3], label int64 [H, W], mask float32 [K(+1), H, W]."""
@@ -271,28 +311,32 @@ class SDMFolder:
     def __len__(self) -> int:
         return len(self.names)
 
-    def label(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(label, instance map or None) at the folder's size."""
-        label = resize_label(read_label(self.label_paths[index], self.dataset).astype(np.uint8),
-                             self.height, self.width).astype(np.int64)
+    def label(self, index: int, full: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(label int64, instance map int64 or None) at the folder's size (``full``: as stored)."""
+        label = read_label(self.label_paths[index], self.dataset)
         instance = None
         if self.dataset.edges:
             path = self.instance_paths[index]
-            if path == self.label_paths[index]:
-                instance = label
-            else:
-                ids = read_instance(path, self.instance_bits)
-                instance = _resize_ids(ids, self.height, self.width)
+            instance = label if path == self.label_paths[index] else read_instance(path, self.instance_bits)
+        if full:
+            return label, instance
+        label = resize_label(label.astype(np.uint8), self.height, self.width).astype(np.int64)
+        if instance is not None:
+            instance = label if path == self.label_paths[index] else _resize_ids(instance, self.height, self.width)
         return label, instance
 
-    def __getitem__(self, index: int) -> SDMSample:
+    def photo(self, index: int, full: bool = False) -> np.ndarray:
+        """The photo uint8 [H, W, 3] at the folder's size (``full``: as stored)."""
         image = load_image(self.image_paths[index])
-        if image.shape[:2] != (self.height, self.width):
+        if not full and image.shape[:2] != (self.height, self.width):
             log.debug("%s: size %dx%d (HxW) resized to %dx%d", self.image_paths[index], *image.shape[:2],
                       self.height, self.width)
-            image = resize_image(image, self.height, self.width)
+            image = resize_photo(image, self.height, self.width)
+        return image
+
+    def __getitem__(self, index: int) -> SDMSample:
         label, instance = self.label(index)
-        return SDMSample(self.names[index], image, label, sdm_mask(label, instance, self.dataset))
+        return SDMSample(self.names[index], self.photo(index), label, sdm_mask(label, instance, self.dataset))
 
 
 def _resize_ids(ids: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import jittor as jt
 
 from datasets.classes import colorize
 from datasets.io import save_image
-from datasets.sdm import SDMFolder
+from datasets.sdm import SDMFolder, random_crop, sdm_mask
 from training.loop import batch_indices, run, step_rng
 from training.state import to_uint8
 from weights.checkpoint import diffusion_section
@@ -45,15 +45,24 @@ PHASES: dict[str, dict[str, float]] = {
 
 
 class PixelStore:
-    """Training items of an ``SDMFolder``: photos as float32 [-1, 1] and their masks, in two views
-    (0 as stored, 1 mirrored left-right), read once and kept in memory as uint8 when ``cache``."""
+    """Training items of an ``SDMFolder``: photos as float32 [-1, 1] and their masks.
 
-    def __init__(self, folder: SDMFolder, cache: bool = True):
+    Without ``random_crop`` an item is the folder's photo at the folder's size, in two views (0 as
+    stored, 1 mirrored left-right); with it (square sizes only) each draw is SDM's random crop of
+    the full-size photo, then the view. Masks are built per batch from the label (and instance)
+    maps; items are read once and kept in memory while ``cache_bytes`` allows."""
+
+    def __init__(self, folder: SDMFolder, random_crop: bool = False, cache_bytes: int = 8 << 30):
+        if random_crop and folder.height != folder.width:
+            raise ValueError(f"random crops are square (SDM crops only its square datasets); the size is "
+                             f"{folder.height}x{folder.width}")
         self.folder = folder
+        self.random_crop = random_crop
         self.path = folder.root
         self.manifest = {"dataset": folder.dataset.name}
-        self.cache = cache
-        self._items: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.cache_bytes = cache_bytes
+        self._cached = 0
+        self._items: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -62,36 +71,52 @@ class PixelStore:
     def latent_shape(self) -> tuple[int, int, int]:
         return (3, self.folder.height, self.folder.width)
 
-    def _item(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _item(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(photo uint8, label int64, instance int64 or None): full size for crops, else the folder's."""
         if index in self._items:
             return self._items[index]
-        sample = self.folder[int(index)]
-        item = (sample.image, sample.mask.astype(np.uint8), sample.label.astype(np.int64))
-        if self.cache:
+        full = self.random_crop
+        label, instance = self.folder.label(index, full)
+        item = (self.folder.photo(index, full), label, instance)
+        size = sum(a.nbytes for a in {id(a): a for a in item if a is not None}.values())   # CelebA: instance is label
+        if self._cached + size <= self.cache_bytes:
             self._items[index] = item
+            self._cached += size
         return item
 
-    def batch(self, indices: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(photos float32 [B, 3, H, W] in [-1, 1], masks float32 [B, K, H, W], labels int64 [B, H, W])."""
+    def batch(self, indices: np.ndarray, views: np.ndarray, rng: np.random.Generator | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(photos float32 [B, 3, H, W] in [-1, 1], masks float32 [B, K, H, W], labels int64 [B, H, W]);
+        ``rng`` draws the random crops (required with ``random_crop``)."""
+        if self.random_crop and rng is None:
+            raise ValueError("random crops need a generator")
         images, masks, labels = [], [], []
         for index, view in zip(np.asarray(indices), np.asarray(views)):
-            image, mask, label = self._item(int(index))
+            image, label, instance = self._item(int(index))
+            if self.random_crop:
+                image, label, instance = random_crop(image, label, instance, self.folder.height, rng)
             if view:
-                image, mask, label = image[:, ::-1], mask[:, :, ::-1], label[:, ::-1]
+                image, label = image[:, ::-1], label[:, ::-1]
+                instance = None if instance is None else instance[:, ::-1]
             images.append(image.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0)
-            masks.append(mask.astype(np.float32))
+            masks.append(sdm_mask(label, instance, self.folder.dataset))
             labels.append(label)
         return np.stack(images), np.stack(masks), np.stack(labels)
 
 
+# Salt of the crop draws: a generator of their own, so runs without crops draw exactly as before.
+CROP_SALT = 7
+
+
 def draw_pixel_batch(store: PixelStore, config: TrainConfig, step: int) -> Batch:
-    """Step ``step``'s batch, every draw from one generator seeded by (seed, step): items, views,
-    t uniform on [0, T), noise, and the per-sample mask dropout."""
+    """Step ``step``'s batch, every draw from generators seeded by (seed, step): items, views,
+    t uniform on [0, T), noise, the per-sample mask dropout, and (their own) the random crops."""
     rng = step_rng(config.seed, step)
     b = config.batch_size
     indices = batch_indices(config.seed, step, b, len(store))
     views = rng.integers(0, 2, size=b) if config.flip else np.zeros(b, dtype=np.int64)
-    images, masks, labels = store.batch(indices, views)
+    crops = step_rng(config.seed, step, CROP_SALT) if store.random_crop else None
+    images, masks, labels = store.batch(indices, views, crops)
     t = rng.integers(0, config.schedule.num_timesteps, size=b).astype(np.int32)
     noise = rng.standard_normal(images.shape, dtype=np.float32)
     dropped = drop_masks(masks, config.mask_dropout, rng)
@@ -128,7 +153,9 @@ class PixelTask(LDMTask):
         DDIM samples (``sample_steps`` steps, no guidance) under those masks."""
         config, store, unet = self.cfg, self.store, self.unet
         count = min(config.sample_count, len(store))
-        images, masks, labels = store.batch(np.arange(count), np.zeros(count, dtype=np.int64))
+        # The same items (and crops) at every step, so the grids compare.
+        images, masks, labels = store.batch(np.arange(count), np.zeros(count, dtype=np.int64),
+                                            step_rng(config.seed, 0, CROP_SALT))
         noise = jt.array(step_rng(config.seed, 0, 99).standard_normal(images.shape, dtype=np.float32))
         stride = max(1, self.schedule.num_timesteps // config.sample_steps)
         timesteps = list(range(self.schedule.num_timesteps - 1, -1, -stride))
@@ -151,10 +178,10 @@ def label_picture(labels: np.ndarray, dataset) -> np.ndarray:
 
 
 def train(unet, folder: SDMFolder, out_dir: str | os.PathLike, config: TrainConfig, *, resume: bool = False,
-          progress: bool = True, step_hook: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+          random_crop: bool = False, progress: bool = True, step_hook: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train ``unet`` on the photos of ``folder`` until ``config.max_steps`` (the shared skeleton:
     checkpoints, exact resume); returns {"step", "updates", "bad_steps", "checkpoint", "first", "last"}."""
-    task = PixelTask(unet, PixelStore(folder), config)
+    task = PixelTask(unet, PixelStore(folder, random_crop), config)
     log.info("SDM training on %d %s photos of %dx%d, batch %d, lr %.3g, mask dropout %.2f, to step %d",
              len(folder), folder.dataset.name, folder.height, folder.width, config.batch_size, config.lr,
              config.mask_dropout, config.max_steps)
