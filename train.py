@@ -99,6 +99,11 @@ def build_parser() -> cli.ArgumentParser:
                      help="SDM's two phases: pretrain (lr 1e-4, mask dropout 0) or finetune (lr 2e-5, mask "
                           "dropout 0.2, normally with --init the pretrained weights); --lr / --mask_dropout "
                           "override (default pretrain)")
+    sdm.add_argument("--random_crop", choices=("on", "off"),
+                     help="SDM's training view of its square datasets: the short side scaled to a random "
+                          "length in [S, 1.25 S], then a random S x S window; off: every photo resized to "
+                          "the size (default on for ade20k, celeba and coco, off for cityscapes and "
+                          "landscape, as SDM)")
     seg = parser.add_argument_group("segmenter")
     seg.add_argument("--widths", help="channel widths of the segmenter's levels (default 32,64,128,256,256)")
     parser.alias("--out", "--output_path")
@@ -110,7 +115,7 @@ STAGE_OPTIONS = {
     "ldm": {"init", "latents", "mask_dropout", "ema_decay", "latent_scale", "grad_accum", "fp16", "grad_checkpoint", "vq"},
     "segmenter": {"data", "height", "width", "widths"},
     "sdm": {"data", "height", "width", "init", "mask_dropout", "ema_decay", "grad_accum", "fp16", "dataset",
-            "split", "phase"},
+            "split", "phase", "random_crop"},
 }
 COMMON = ("batch_size", "lr", "max_steps", "save_every", "sample_every", "keep_every", "max_bad_steps", "seed")
 
@@ -320,10 +325,19 @@ def sdm_stage(args) -> str:
         config, data = TrainConfig.from_dict(stored["train"]), stored["data"]
         dataset, size = stored["dataset"], stored["size"]
         height, width, data = size["height"], size["width"], args.data or data
+        random_crop = bool(stored.get("random_crop", False))   # absent: written before crops existed
+        if args.random_crop is not None and (args.random_crop == "on") != random_crop:
+            raise ValueError(f"{source}: the run was trained with --random_crop {'on' if random_crop else 'off'}; "
+                             f"a resumed run keeps its data view")
     else:
         dataset = args.dataset or "landscape"
         conventions = sdm_dataset(dataset)
         height, width, data = args.height or conventions.height, args.width or conventions.width, args.data
+        random_crop = (args.random_crop == "on" if args.random_crop is not None
+                       else dataset in ("ade20k", "celeba", "coco"))
+        if random_crop and height != width:
+            raise ValueError(f"--random_crop on takes square sizes (SDM crops only its square datasets); the "
+                             f"size is {height}x{width}")
         if args.init:
             start, unet_config = init_checkpoint(args, "pixel")
             config = TrainConfig(schedule=start.diffusion["schedule"])
@@ -344,7 +358,7 @@ def sdm_stage(args) -> str:
     if args.init and not args.resume:
         load_weights(unet, start.weights("ema"), args.init)
         logging.getLogger("iidm").info("starting from the weights of %s", args.init)
-    result = train(unet, folder, args.output_path, config, resume=args.resume)
+    result = train(unet, folder, args.output_path, config, resume=args.resume, random_crop=random_crop)
     return (f"SDM trained to step {result['step']} ({result['updates']} updates, {result['bad_steps']} skipped); "
             f"checkpoint {result['checkpoint']}")
 

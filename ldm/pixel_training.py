@@ -27,7 +27,8 @@ import jittor as jt
 
 from datasets.classes import colorize
 from datasets.io import save_image
-from datasets.sdm import SDMFolder, random_crop, sdm_mask
+from datasets.sdm import SDMFolder, sdm_mask
+from datasets.sdm import random_crop as crop_view
 from training.loop import batch_indices, run, step_rng
 from training.state import to_uint8
 from weights.checkpoint import diffusion_section
@@ -94,7 +95,7 @@ class PixelStore:
         for index, view in zip(np.asarray(indices), np.asarray(views)):
             image, label, instance = self._item(int(index))
             if self.random_crop:
-                image, label, instance = random_crop(image, label, instance, self.folder.height, rng)
+                image, label, instance = crop_view(image, label, instance, self.folder.height, rng)
             if view:
                 image, label = image[:, ::-1], label[:, ::-1]
                 instance = None if instance is None else instance[:, ::-1]
@@ -146,7 +147,7 @@ class PixelTask(LDMTask):
         return {"network": self.unet.config.to_dict(),
                 "diffusion": diffusion_section(dataclasses.asdict(self.cfg.schedule), "pixel"),
                 "train": self.cfg.to_dict(), "data": str(folder.root), "dataset": folder.dataset.name,
-                "size": {"height": folder.height, "width": folder.width}}
+                "size": {"height": folder.height, "width": folder.width}, "random_crop": self.store.random_crop}
 
     def write_samples(self, path: Path, step: int) -> None:
         """A PNG grid: masks (landscape colours, else the label scaled to grey), the photos, and
@@ -182,9 +183,10 @@ def train(unet, folder: SDMFolder, out_dir: str | os.PathLike, config: TrainConf
     """Train ``unet`` on the photos of ``folder`` until ``config.max_steps`` (the shared skeleton:
     checkpoints, exact resume); returns {"step", "updates", "bad_steps", "checkpoint", "first", "last"}."""
     task = PixelTask(unet, PixelStore(folder, random_crop), config)
-    log.info("SDM training on %d %s photos of %dx%d, batch %d, lr %.3g, mask dropout %.2f, to step %d",
-             len(folder), folder.dataset.name, folder.height, folder.width, config.batch_size, config.lr,
-             config.mask_dropout, config.max_steps)
+    log.info("SDM training on %d %s photos of %dx%d (%s), batch %d, lr %.3g, mask dropout %.2f, to step %d",
+             len(folder), folder.dataset.name, folder.height, folder.width,
+             "random crops" if random_crop else "resized", config.batch_size, config.lr, config.mask_dropout,
+             config.max_steps)
     unet.train()
     result = run(task, out_dir, config.loop(), resume=resume, progress=progress, step_hook=step_hook)
     return {"step": result.step, "updates": task.updates, "bad_steps": result.bad_steps,

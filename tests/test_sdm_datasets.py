@@ -126,3 +126,72 @@ def test_single_label_map_celeba_edges_from_label(tmp_path):
     _save(tmp_path / "m.png", lab)
     label, mask = label_mask(tmp_path / "m.png", "celeba", height=4, width=4)
     assert mask.shape == (20, 4, 4) and np.array_equal(mask[19], edges_by_loops(lab))
+
+
+# ------------------------------------------------------------------------------ SDM's resizing
+def test_reduce_photo_halves_with_2x2_means_while_both_sides_allow():
+    from datasets.sdm import reduce_photo
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (48, 64, 3)).astype(np.uint8)
+    halved = np.asarray(reduce_photo(Image.fromarray(photo), 24, 32))
+    means = photo.astype(np.float64).reshape(24, 2, 32, 2, 3).mean(axis=(1, 3))
+    assert halved.shape == (24, 32, 3)
+    error = np.abs(halved - means)
+    assert error.max() <= 1 and error.mean() < 0.6              # PIL's fixed-point filter, rounded
+    # twice when both sides still reach twice the target, never when one side falls short
+    assert np.asarray(reduce_photo(Image.fromarray(photo), 12, 16)).shape == (12, 16, 3)
+    assert np.asarray(reduce_photo(Image.fromarray(photo[:47]), 24, 32)).shape == (47, 64, 3)
+    assert np.asarray(reduce_photo(Image.fromarray(photo), 13, 16)).shape == (24, 32, 3)
+
+
+def _ramps(height, width):
+    """A photo whose red channel is a linear ramp across the columns, the column index as label
+    and the row index as instance map: a crop tells where it came from and at what scale."""
+    columns = np.broadcast_to(np.arange(width), (height, width))
+    photo = np.zeros((height, width, 3), np.uint8)
+    photo[..., 0] = np.round(columns * 255 / (width - 1))
+    photo[..., 1] = 100
+    rows = np.broadcast_to(np.arange(height)[:, None], (height, width))
+    return photo, columns.astype(np.int64).copy(), rows.astype(np.int64).copy()
+
+
+@pytest.mark.parametrize("height,width", [(40, 60), (200, 300)])
+def test_random_crop_window_scale_and_alignment(height, width):
+    from datasets.sdm import random_crop
+
+    size = 16
+    photo, label, instance = _ramps(height, width)
+    scales = []
+    for seed in range(40):
+        image, lab, inst = random_crop(photo, label, instance, size, np.random.default_rng(seed))
+        assert image.shape == (size, size, 3) and lab.shape == inst.shape == (size, size)
+        assert image.dtype == np.uint8 and lab.dtype == np.int64
+        # one window of a nearest resize: columns and rows never go back, the label is the same along a column
+        assert (np.diff(lab[0]) >= 0).all() and (np.diff(inst[:, 0]) >= 0).all()
+        assert (lab == lab[0]).all() and (inst == inst[:, :1]).all()
+        # the short side (rows here) was scaled to a length in [S, ceil(1.25 S)]: source rows per pixel
+        rows_per_pixel = (inst[-1, 0] - inst[0, 0]) / (size - 1)
+        short = height / rows_per_pixel
+        assert size - 1.5 <= short <= np.ceil(1.25 * size) + 1.5, short
+        scales.append(short)
+        # the photo lies under its label: the red ramp at the column the label names
+        # (a window shifted by one pixel would be off by a whole pixel's worth of source columns)
+        step = 255 / (width - 1)
+        columns_per_pixel = (lab[0, -1] - lab[0, 0]) / (size - 1)
+        error = np.abs(image[size // 2, 2:-2, 0] - lab[0, 2:-2] * step)
+        assert error.max() <= 0.45 * columns_per_pixel * step + 2, (error.max(), columns_per_pixel * step)
+    assert min(scales) < size + 2 and max(scales) > 1.25 * size - 2   # the range is drawn, both ends
+
+
+def test_random_crop_is_fixed_by_its_generator():
+    from datasets.sdm import random_crop
+
+    photo, label, instance = _ramps(40, 60)
+    first = random_crop(photo, label, None, 16, np.random.default_rng(3))
+    again = random_crop(photo, label, None, 16, np.random.default_rng(3))
+    other = random_crop(photo, label, None, 16, np.random.default_rng(4))
+    assert first[2] is None
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not all(np.array_equal(a, b) for a, b in zip(first[:2], other[:2]))

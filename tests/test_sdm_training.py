@@ -60,3 +60,38 @@ def test_two_phases(tiny_data, tmp_path):
     assert train.main(["sdm", "--resume", "--max_steps", "2", "--output_path", str(fine), "--cpu"]) == 0
     lines = [json.loads(line) for line in (fine / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
+
+
+def test_random_crops_per_step_and_resume_keeps_them(tiny_data, tmp_path, capsys):
+    from datasets.sdm import SDMFolder
+    from ldm.pixel_training import PixelStore, draw_pixel_batch
+    from ldm.training import TrainConfig
+    import train
+    from weights.checkpoint import load_checkpoint
+
+    folder = SDMFolder("landscape", tiny_data, "train", 8, 8)
+    config = TrainConfig(batch_size=4, mask_dropout=0.0, flip=False)
+    plain = draw_pixel_batch(PixelStore(folder), config, 0)
+    store = PixelStore(folder, random_crop=True)
+    first, again = draw_pixel_batch(store, config, 0), draw_pixel_batch(store, config, 0)
+    np.testing.assert_array_equal(first.latents, again.latents)          # a step's crops are fixed
+    np.testing.assert_array_equal(first.noise, plain.noise)            # crops draw from their own generator
+    assert first.latents.shape == plain.latents.shape == (4, 3, 8, 8)
+    assert not np.array_equal(first.latents, plain.latents)              # 8x8 scaled to 8..10, then cropped
+    assert np.array_equal(first.masks.argmax(1), first.labels) and first.masks.sum(1).min() == 1
+    with pytest.raises(ValueError, match="square"):
+        PixelStore(SDMFolder("landscape", tiny_data, "train", 8, 12), random_crop=True)
+
+    run = tmp_path / "crops"
+    common = ["sdm", "--data", str(tiny_data), "--height", "8", "--width", "8", "--batch_size", "2",
+              "--sample_every", "0", "--cpu", "--preset", "tiny", "--random_crop", "on"]
+    assert train.main(common + ["--max_steps", "1", "--output_path", str(run)]) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.safetensors", "unet").config["random_crop"] is True
+    resume = ["sdm", "--resume", "--max_steps", "2", "--output_path", str(run), "--cpu"]
+    capsys.readouterr()
+    assert train.main(resume + ["--random_crop", "off"]) != 0                 # a resumed run keeps its view
+    assert "trained with --random_crop on" in capsys.readouterr().err
+    assert train.main(resume) == 0
+    assert train.main(["sdm", "--data", str(tiny_data), "--height", "8", "--width", "12", "--random_crop", "on",
+                       "--preset", "tiny", "--output_path", str(tmp_path / "wide"), "--cpu"]) != 0
+    assert "takes square sizes" in capsys.readouterr().err
