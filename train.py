@@ -418,7 +418,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError, WeightsError, StoreError, DataError, LogError, TrainingStopped) as exc:
         print(f"train.py: {exc}", file=sys.stderr)
         return FAILED
-    print(f"train.py: {message}")
+    from training.loop import is_writer
+
+    if is_writer():   # every rank trained the same model; one reports it
+        print(f"train.py: {message}")
     return 0
 
 

@@ -49,6 +49,7 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch(jt, tmp_path):
               "--save_every", "2", "--sample_every", "0", "--mask_dropout", "0", "--lr", "1e-3", "--cpu"]
     done = mpirun(["train.py", *common, "--output_path", str(tmp_path / "two")])
     assert "2 ranks" in done.stdout + done.stderr
+    assert done.stdout.count("trained to step") == 1, done.stdout     # one rank reports the run
     assert train_cli.main(common + ["--output_path", str(tmp_path / "one")]) == 0
 
     two_log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]

@@ -185,7 +185,8 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------ the run
-def _is_writer() -> bool:
+def is_writer() -> bool:
+    """True in a single process and in rank 0 of an MPI run: the one that writes and reports."""
     import jittor as jt
 
     return not jt.in_mpi or jt.rank == 0
@@ -228,7 +229,7 @@ class _Run:
         self.task, self.out, self.loop = task, out, loop
         self.folder = out / CHECKPOINTS
         self.last, self.candidate = self.folder / LAST, self.folder / CANDIDATE
-        self.writer = _is_writer()
+        self.writer = is_writer()
         self.step = 0
         self.counters = {"bad_steps": 0, "bad_in_a_row": 0}
         self.good_step: int | None = None    # the step of last.safetensors
