@@ -68,7 +68,9 @@ def _img(path: Path, page_dir: Path, alt: str) -> str:
     return f'<img src="{_src(path, page_dir)}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
 
 
-def _legend(label: np.ndarray) -> str:
+def legend_html(label: np.ndarray) -> str:
+    """The classes present in a label map, most frequent first: palette swatch, name, share of
+    the pixels (an HTML list styled by ``LEGEND_STYLE``)."""
     counts = np.bincount(label.ravel(), minlength=len(CLASS_NAMES))
     items = []
     for index in np.argsort(-counts, kind="stable"):
@@ -82,6 +84,12 @@ def _legend(label: np.ndarray) -> str:
     return '<ul class="legend">' + "".join(items) + "</ul>"
 
 
+LEGEND_STYLE = """\
+.legend { list-style: none; margin: 0; padding: 0; font-size: 11px; line-height: 15px; white-space: nowrap; }
+.swatch { display: inline-block; width: 10px; height: 10px; margin-right: 4px;
+          vertical-align: -1px; border: 1px solid #5f6368; }
+"""
+
 STYLE = f"""
 body {{ font-family: sans-serif; background: #202124; color: #e8eaed; margin: 16px; }}
 table {{ border-collapse: collapse; }}
@@ -91,10 +99,7 @@ td.name {{ font-family: monospace; white-space: nowrap; }}
 img {{ height: {DISPLAY_HEIGHT}px; display: block; }}
 .mask {{ display: flex; gap: 6px; }}
 .mask img {{ image-rendering: pixelated; }}
-.legend {{ list-style: none; margin: 0; padding: 0; font-size: 11px; line-height: 15px; white-space: nowrap; }}
-.swatch {{ display: inline-block; width: 10px; height: 10px; margin-right: 4px;
-          vertical-align: -1px; border: 1px solid #5f6368; }}
-.rounds {{ display: flex; gap: 4px; }}
+{LEGEND_STYLE}.rounds {{ display: flex; gap: 4px; }}
 .rounds figure {{ margin: 0; }}
 .rounds img {{ height: {DISPLAY_HEIGHT // 2}px; }}
 figcaption {{ font-size: 11px; color: #9aa0a6; }}
@@ -120,7 +125,7 @@ def write_gallery(page: Path, rows: Sequence[GalleryRow], title: str = "IIDM res
         cells = [f'<td class="name">{html.escape(row.name)}</td>',
                  f"<td>{_img(row.reference, page_dir, 'reference ' + row.reference.name)}</td>",
                  f'<td><div class="mask">{_img(mask_png, page_dir, "mask " + row.name)}'
-                 f"{_legend(row.label)}</div></td>",
+                 f"{legend_html(row.label)}</div></td>",
                  f"<td>{_img(row.output, page_dir, 'output ' + row.name)}</td>"]
         if with_rounds:
             images = "".join(f"<figure>{_img(p, page_dir, f'round {k} of {row.name}')}"

@@ -108,10 +108,12 @@ class Generator:
         return pipeline.preset_rounds(preset, self.schedule, steps)
 
     def generate(self, labels: np.ndarray, references: np.ndarray, seeds: Sequence[int], rounds,
-                 on_round: Callable[[int, np.ndarray, float], None] | None = None) -> list[np.ndarray]:
+                 on_round: Callable[[int, np.ndarray, float], None] | None = None,
+                 on_step: Callable[[], None] | None = None) -> list[np.ndarray]:
         """Run ``rounds`` on one batch: labels uint8 [B, H, W], references RGB uint8 [B, H, W, 3],
         one seed per image (``ldm.pipeline.image_seed``). Returns each round's images;
-        ``on_round(index, images, seconds)`` is called after each round."""
+        ``on_round(index, images, seconds)`` is called after each round, ``on_step()`` at each
+        U-Net call (one per sampler step: the guided pair runs as one batch)."""
         from ldm import pipeline
         from synthesis.color_transfer import color_transfer
 
@@ -129,6 +131,17 @@ class Generator:
                 on_round(index, images, now - started[0])
             started[0] = now
 
-        return pipeline.run_rounds(rounds, self.schedule, unet=self.unet, encode=self.encode, decode=self.decode,
+        unet = self.unet if on_step is None else _announced(self.unet, on_step)
+        return pipeline.run_rounds(rounds, self.schedule, unet=unet, encode=self.encode, decode=self.decode,
                                    color_transfer=color_transfer, masks=self.masks(labels),
                                    references=references, seeds=seeds, on_round=timed)
+
+
+def _announced(unet, on_step: Callable[[], None]):
+    """``unet`` calling ``on_step()`` before each evaluation."""
+
+    def call(x_t, t, mask):
+        on_step()
+        return unet(x_t, t, mask)
+
+    return call
