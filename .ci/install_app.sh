@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI: the optional app's dependencies (requirements-app.txt) in the venv given as $1 (default
 # ~/.venvs/iidm), and a system Chromium for its browser test. Playwright drives that Chromium
-# (IIDM_CHROMIUM names it); no browser is downloaded. Safe to run again.
+# (found on PATH as chromium or chromium-browser); no browser is downloaded. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,4 @@ fi
 CHROMIUM="$(find_chromium)"
 [ -n "$CHROMIUM" ] || { echo "install_app: chromium is still missing after apt-get"; exit 1; }
 echo "install_app: $("$CHROMIUM" --version 2>/dev/null | head -1) at $CHROMIUM"
-# Playwright looks for its own browser download unless told where one is; the test reads this.
-export IIDM_CHROMIUM="$CHROMIUM"
 "$VENV/bin/python" -c "import gradio, playwright; print('install_app: gradio', gradio.__version__)"

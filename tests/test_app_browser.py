@@ -1,5 +1,6 @@
 """app.py in a real browser: headless Chromium (the system's, driven by Playwright) opens the page
-served by ``python app.py`` with the shipped demo model, paints strokes in three classes and
+served by ``python app.py --preset fastest`` with the shipped demo model (one server for all
+tests), paints strokes in three classes and
 erases one, uploads a picture with colours off the palette, generates with two seeds, checks the
 mask it generated from, that the outputs appear and differ, the downloads, and that two pages
 generating at once are both served (queued). No request may leave 127.0.0.1.
@@ -57,7 +58,7 @@ def server():
     """``python app.py --port P`` as a user starts it; yields its address."""
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--cpu"], cwd=REPO, env=env,
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--cpu", "--preset", "fastest"], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     deadline = time.monotonic() + STARTUP_S
