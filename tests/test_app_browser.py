@@ -161,14 +161,19 @@ def test_paint_generate_two_seeds(server, browser, tmp_path):
 
     # three strokes in three classes, chosen by name in the palette, then the eraser
     for name, dy in (("lake", 60), ("building", -110), ("mountain", -40)):
-        page.click(f"#palette label:has-text('{name}')")
-        page.wait_for_timeout(800)
+        # the brush changes when the server's answer arrives: wait for it, not for a fixed time
+        with page.expect_response(lambda r: "/gradio_api/" in r.url and r.request.method == "POST"):
+            page.click(f"#palette label:has-text('{name}')")
+        page.wait_for_timeout(400)
+        page.mouse.click(x + 400, y - 300)   # as after choosing a tool: the first click closes its options
         stroke(page, [(x - 150, y + dy), (x, y + dy + 5), (x + 150, y + dy)])
     page.click("#canvas button[aria-label='Erase']")
     page.wait_for_timeout(300)
     page.mouse.click(x + 400, y - 300)   # first click after choosing a tool closes its options
     stroke(page, [(x - 150, y + 120), (x + 150, y + 120)])
 
+    if os.environ.get("IIDM_APP_DEBUG"):
+        page.screenshot(path=os.environ["IIDM_APP_DEBUG"])
     progress = generate(page, seed=1)
     first = fetch_image(page, "#output")
     mask = fetch_image(page, "#mask")
@@ -176,7 +181,9 @@ def test_paint_generate_two_seeds(server, browser, tmp_path):
     assert first.std() > 5, "the output is flat"
     for name in ("lake", "building", "mountain", "other"):
         share = (mask == PALETTE[CLASS_INDEX[name]]).all(axis=2).mean()
-        assert share > 0.003, f"the generated mask has no {name} ({share:.4f}): painting or erasing failed"
+        present = {n: round(float((mask == PALETTE[CLASS_INDEX[n]]).all(axis=2).mean()), 4) for n in CLASS_INDEX}
+        assert share > 0.003, (f"the generated mask has no {name} ({share:.4f}): painting or erasing failed; "
+                               f"classes present: { {n: v for n, v in present.items() if v} }")
     assert any(re.search(r"round \d of 3", text) for text in progress), f"no per-round progress: {progress}"
     legend = page.inner_text("#legend")
     assert all(name in legend for name in ("lake", "building", "other"))
