@@ -243,7 +243,7 @@ def build_app(studio: Studio, preset: str = "fast"):
         lines = [f"Generated in {picture.seconds:.1f} s ({len(picture.rounds)} rounds, preset {preset_name}, "
                  f"seed {settings.seed})."] + [f"- {n}" for n in notes]
         if picture.command:
-            lines.append(f"Same output from the command line, with the downloaded label map:\n\n```\n{picture.command}\n```")
+            lines.append(f"\nSame output from the command line, with the downloaded label map:\n\n```\n{picture.command}\n```")
         rounds = [(image, f"round {k + 1}") for k, image in enumerate(picture.rounds)]
         return (picture.output, rounds, colorize(picture.label), legend_html(picture.label), "\n".join(lines),
                 gr.update(value=str(output_file), interactive=True), gr.update(value=str(label_file), interactive=True),
