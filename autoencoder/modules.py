@@ -17,7 +17,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
-from models.layers import GroupNorm, silu
+from models.layers import Conv2d, GroupNorm, qkv_attention_legacy, silu
 
 
 def normalize(channels: int, num_groups: int = 32) -> GroupNorm:
@@ -30,7 +30,7 @@ class Upsample(nn.Module):
     def __init__(self, in_channels: int, with_conv: bool):
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(in_channels, in_channels, 3, stride=1, padding=1)
+            self.conv = Conv2d(in_channels, in_channels, 3, stride=1, padding=1)
 
     def execute(self, x: jt.Var) -> jt.Var:
         b, c, h, w = x.shape
@@ -45,7 +45,7 @@ class Downsample(nn.Module):
     def __init__(self, in_channels: int, with_conv: bool):
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(in_channels, in_channels, 3, stride=2, padding=0)
+            self.conv = Conv2d(in_channels, in_channels, 3, stride=2, padding=0)
 
     def execute(self, x: jt.Var) -> jt.Var:
         if self.with_conv:
@@ -63,15 +63,15 @@ class ResnetBlock(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.use_conv_shortcut = conv_shortcut
         self.norm1 = normalize(in_channels, num_groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
         self.norm2 = normalize(out_channels, num_groups)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, stride=1, padding=1)
         if in_channels != out_channels:
             if conv_shortcut:
-                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
+                self.conv_shortcut = Conv2d(in_channels, out_channels, 3, stride=1, padding=1)
             else:
-                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=1, padding=0)
+                self.nin_shortcut = Conv2d(in_channels, out_channels, 1, stride=1, padding=0)
 
     def execute(self, x: jt.Var) -> jt.Var:
         h = self.conv1(silu(self.norm1(x)))
@@ -91,10 +91,10 @@ class AttnBlock(nn.Module):
     def __init__(self, in_channels: int, num_groups: int = 32):
         self.in_channels = in_channels
         self.norm = normalize(in_channels, num_groups)
-        self.q = nn.Conv2d(in_channels, in_channels, 1)
-        self.k = nn.Conv2d(in_channels, in_channels, 1)
-        self.v = nn.Conv2d(in_channels, in_channels, 1)
-        self.proj_out = nn.Conv2d(in_channels, in_channels, 1)
+        self.q = Conv2d(in_channels, in_channels, 1)
+        self.k = Conv2d(in_channels, in_channels, 1)
+        self.v = Conv2d(in_channels, in_channels, 1)
+        self.proj_out = Conv2d(in_channels, in_channels, 1)
 
     def execute(self, x: jt.Var) -> jt.Var:
         h = self.norm(x)
@@ -103,18 +103,8 @@ class AttnBlock(nn.Module):
         q = self.q(h).reshape(b, c, n)
         k = self.k(h).reshape(b, c, n)
         v = self.v(h).reshape(b, c, n)
-        scale = float(c) ** -0.5
-        if jt.flags.use_cuda:
-            weights = nn.softmax(nn.bmm(q.transpose(0, 2, 1), k) * scale, dim=2)   # [b, n_q, n_k]
-            out = nn.bmm(weights, v.transpose(0, 2, 1)).transpose(0, 2, 1)       # [b, c, n_q]
-        else:
-            # 2-D matmuls per image use both CPU cores (oneDNN); Jittor's batched matmul uses one.
-            # (w v^T)^T instead of v w^T avoids transposing the n x n weights.
-            outs = []
-            for i in range(b):
-                weights = nn.softmax(jt.matmul(q[i].transpose(1, 0), k[i]) * scale, dim=1)
-                outs.append(jt.matmul(weights, v[i].transpose(1, 0)).transpose(1, 0))
-            out = jt.stack(outs, dim=0) if b > 1 else outs[0].unsqueeze(0)
+        # one head: softmax((q / c^(1/4))^T (k / c^(1/4))) = softmax(q^T k / sqrt(c)), the same weights
+        out = qkv_attention_legacy(jt.concat([q, k, v], dim=1), 1)
         return x + self.proj_out(out.reshape(b, c, height, width))
 
 
@@ -132,7 +122,7 @@ class Encoder(nn.Module):
                  z_channels: int, double_z: bool = True, num_groups: int = 32, **ignored):
         self.num_resolutions = len(ch_mult)
         self.num_res_blocks = num_res_blocks
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, stride=1, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, 3, stride=1, padding=1)
         in_ch_mult = (1,) + tuple(ch_mult)
         current = resolution
         levels = []
@@ -156,7 +146,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in, num_groups)
         self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout, num_groups=num_groups)
         self.norm_out = normalize(block_in, num_groups)
-        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, stride=1, padding=1)
 
     def execute(self, x: jt.Var) -> jt.Var:
         h = self.conv_in(x)
@@ -183,7 +173,7 @@ class Decoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         block_in = ch * ch_mult[-1]
         current = resolution // 2 ** (self.num_resolutions - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, stride=1, padding=1)
+        self.conv_in = Conv2d(z_channels, block_in, 3, stride=1, padding=1)
         self.mid = _level()
         self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout, num_groups=num_groups)
         self.mid.attn_1 = AttnBlock(block_in, num_groups)
@@ -205,7 +195,7 @@ class Decoder(nn.Module):
             levels[i_level] = level
         self.up = nn.ModuleList(levels)
         self.norm_out = normalize(block_in, num_groups)
-        self.conv_out = nn.Conv2d(block_in, out_ch, 3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, out_ch, 3, stride=1, padding=1)
 
     def execute(self, z: jt.Var) -> jt.Var:
         h = self.conv_in(z)

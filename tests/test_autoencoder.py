@@ -37,6 +37,44 @@ def test_latent_is_a_quarter_of_the_image_per_side(jt, tiny):
         tiny.encode(jt.zeros((1, 4, 24, 32)))
 
 
+def _attention_float64(block, x):
+    """The autoencoder's attention block in float64 numpy: GroupNorm (eps 1e-6), 1x1 q, k, v,
+    softmax(q^T k / sqrt(C)) over the positions, v times the weights, 1x1 proj_out, residual."""
+    p = {name: v.numpy().astype(np.float64) for name, v in block.state_dict().items()}
+    x = x.astype(np.float64)
+    b, c, height, width = x.shape
+    g = block.norm.num_groups
+    grouped = x.reshape(b, g, -1)
+    h = ((grouped - grouped.mean(2, keepdims=True)) / np.sqrt(grouped.var(2, keepdims=True) + 1e-6)).reshape(x.shape)
+    h = h * p["norm.weight"][:, None, None] + p["norm.bias"][:, None, None]
+    conv = lambda name, y: np.einsum("oc,bcn->bon", p[name + ".weight"][:, :, 0, 0], y) + p[name + ".bias"][:, None]
+    flat = h.reshape(b, c, -1)
+    q, k, v = conv("q", flat), conv("k", flat), conv("v", flat)
+    logits = np.einsum("bcn,bcm->bnm", q, k) / np.sqrt(c)
+    weights = np.exp(logits - logits.max(2, keepdims=True))
+    weights /= weights.sum(2, keepdims=True)
+    out = np.einsum("bnm,bcm->bcn", weights, v)
+    return x + conv("proj_out", out).reshape(x.shape)
+
+
+def test_attention_block_matches_float64_numpy(jt):
+    from autoencoder.modules import AttnBlock
+    from models.layers import use_kernels
+
+    jt.set_global_seed(3)
+    block = AttnBlock(32, num_groups=8)
+    x = np.random.default_rng(4).standard_normal((BATCH, 32, 6, 8)).astype(np.float32)
+    expected = _attention_float64(block, x)
+    grads = []
+    for enabled in (True, False):          # the CPU kernels and the plain Jittor ops
+        with use_kernels(enabled):
+            xv = jt.array(x)
+            out = block(xv)
+            np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+            grads.append(jt.grad((out * out).sum(), xv).numpy())
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-3, atol=1e-3)
+
+
 def test_decode_quantizes_first(jt, tiny):
     latent = tiny.encode(jt.array(images()))
     z_q, indices, _ = tiny.quantize(latent)
