@@ -15,6 +15,8 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
+from models.layers import Conv2d
+
 
 class BatchNorm2d(nn.Module):
     """PyTorch's BatchNorm2d: in training, y = (x - mean_B) / sqrt(var_B + eps) * weight + bias with
@@ -49,16 +51,16 @@ class BatchNorm2d(nn.Module):
 
 class NLayerDiscriminator(nn.Module):
     def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3):
-        layers = [nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        layers = [Conv2d(input_nc, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         mult = 1
         for n in range(1, n_layers):
             previous, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(ndf * previous, ndf * mult, 4, stride=2, padding=1, bias=False),
+            layers += [Conv2d(ndf * previous, ndf * mult, 4, stride=2, padding=1, bias=False),
                        BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2)]
         previous, mult = mult, min(2 ** n_layers, 8)
-        layers += [nn.Conv2d(ndf * previous, ndf * mult, 4, stride=1, padding=1, bias=False),
+        layers += [Conv2d(ndf * previous, ndf * mult, 4, stride=1, padding=1, bias=False),
                    BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2),
-                   nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
+                   Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
         self.main = nn.Sequential(*layers)
         self.n_layers = n_layers
         weights_init(self)

@@ -28,6 +28,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
+from models.layers import Conv2d
 from weights.checkpoint import WeightsError, load_weights
 from weights.foreign import read_weights
 
@@ -63,7 +64,7 @@ class VGG16Features(nn.Module):
             block = nn.Sequential()
             for i in range(start, stop):
                 if i in VGG16_CONVS:
-                    block.add_module(str(i), nn.Conv2d(*VGG16_CONVS[i], 3, stride=1, padding=1))
+                    block.add_module(str(i), Conv2d(*VGG16_CONVS[i], 3, stride=1, padding=1))
                 elif i in VGG16_POOLS:
                     block.add_module(str(i), MaxPool2x2())
                 else:
@@ -82,7 +83,7 @@ class NetLinLayer(nn.Module):
     """Dropout (inactive: LPIPS is always evaluated) then a 1x1 convolution C -> 1 without bias."""
 
     def __init__(self, channels: int):
-        self.model = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(channels, 1, 1, stride=1, padding=0, bias=False))
+        self.model = nn.Sequential(nn.Dropout(0.5), Conv2d(channels, 1, 1, stride=1, padding=0, bias=False))
 
 
 def _normalise(x: jt.Var, eps: float = 1e-10) -> jt.Var:

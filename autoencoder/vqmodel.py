@@ -23,6 +23,7 @@ from jittor import nn
 
 from autoencoder.modules import Decoder, Encoder
 from autoencoder.quantize import VectorQuantizer
+from models.layers import Conv2d
 from weights.checkpoint import config_from_dict, load_checkpoint, load_weights, module_vars, save_checkpoint
 
 KIND = "vqmodel"
@@ -99,8 +100,8 @@ class VQModel(nn.Module):
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
         self.quantize = VectorQuantizer(config.n_embed, config.embed_dim, beta=config.beta, legacy=config.legacy)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.quant_conv = Conv2d(config.z_channels, config.embed_dim, 1)
+        self.post_quant_conv = Conv2d(config.embed_dim, config.z_channels, 1)
 
     def _check_image(self, image: jt.Var) -> None:
         c, f = self.config.in_channels, self.config.factor

@@ -34,6 +34,7 @@ import jittor_env  # noqa: F401  (must precede any import of jittor)
 import jittor as jt
 from jittor import nn
 
+from models.layers import Conv2d
 from weights.checkpoint import FORMAT_NAME, WeightsError, config_from_dict, load_weights
 
 CHECKPOINT_KIND = "aesthetic"
@@ -90,7 +91,7 @@ class NIMA(nn.Module):
         layers, channels = [], 3
         for width, count in zip(config.stage_channels, config.convs_per_stage):
             for _ in range(count):
-                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+                layers += [Conv2d(channels, width, 3, padding=1), nn.ReLU()]
                 channels = width
             layers.append(nn.MaxPool2d(2, 2))
         self.features = nn.Sequential(*layers)

@@ -46,6 +46,7 @@ from jittor import nn
 
 from datasets import load_image
 from datasets.io import atomic_write
+from models.layers import Conv2d
 from weights.checkpoint import load_weights
 
 log = logging.getLogger("iidm.fid")
@@ -102,7 +103,7 @@ class BasicConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+        self.conv = Conv2d(in_channels, out_channels, kernel_size, stride=stride,
                               padding=padding, bias=False)
         self.bn = nn.BatchNorm(out_channels, eps=1e-3)
 

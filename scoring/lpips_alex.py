@@ -29,6 +29,7 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 from jittor import nn
 
+from models.layers import Conv2d
 from weights.checkpoint import WeightsError, load_weights
 from weights.foreign import read_weights
 
@@ -51,9 +52,9 @@ class LPIPSAlex(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = nn.ModuleList([nn.Conv2d(i, o, k, stride=s, padding=p)
+        self.features = nn.ModuleList([Conv2d(i, o, k, stride=s, padding=p)
                                        for i, o, k, s, p in ALEX_CONVS.values()])
-        self.heads = nn.ModuleList([nn.Conv2d(c, 1, 1, bias=False) for c in CHANNELS])
+        self.heads = nn.ModuleList([Conv2d(c, 1, 1, bias=False) for c in CHANNELS])
         self._shift = jt.array(np.array(SHIFT, np.float32).reshape(1, 3, 1, 1)).stop_grad()
         self._scale = jt.array(np.array(SCALE, np.float32).reshape(1, 3, 1, 1)).stop_grad()
 

@@ -33,6 +33,7 @@ import jittor as jt
 from jittor import nn
 
 from datasets import NUM_CLASSES, resize_image, resize_label
+from models.layers import Conv2d
 from weights.checkpoint import WeightsError, config_from_dict, load_checkpoint, load_weights
 
 CHECKPOINT_KIND = "segmenter"
@@ -65,7 +66,7 @@ class SegmenterConfig:
 class ConvBNReLU(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv = Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
         self.bn = nn.BatchNorm(out_channels)
 
     def execute(self, x):
@@ -87,7 +88,7 @@ class Segmenter(nn.Module):
         for level in range(len(widths) - 1, 0, -1):
             self.decoder.append(nn.Sequential(ConvBNReLU(widths[level] + widths[level - 1], widths[level - 1]),
                                               ConvBNReLU(widths[level - 1], widths[level - 1])))
-        self.head = nn.Conv2d(widths[0], config.num_classes, 1)
+        self.head = Conv2d(widths[0], config.num_classes, 1)
 
     def execute(self, x):
         skips = []

@@ -48,9 +48,10 @@ def np_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """Cross-correlation as PyTorch's conv2d: a sum over kernel taps of strided input windows."""
     n, c, h, w = x.shape
     o, c_per_group, kh, kw = weight.shape
-    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    out_h = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
-    out_w = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    out_h = (h + 2 * ph - dilation * (kh - 1) - 1) // stride + 1
+    out_w = (w + 2 * pw - dilation * (kw - 1) - 1) // stride + 1
     y = np.zeros((n, o, out_h, out_w))
     o_per_group = o // groups
     for g in range(groups):
@@ -255,13 +256,19 @@ CONV_CASES = {
     "1x1_nobias": ((1, 4, 3, 5), 6, 1, 1, 0, 1, 1, False),
     "1x1_stride2_pad1": ((1, 4, 5, 6), 3, 1, 2, 1, 1, 1, True),
     "3x3_dilation2_groups2": ((2, 4, 7, 6), 6, 3, 1, 2, 2, 2, True),
+    # the autoencoder's downsampling, its discriminator, Inception's factorised convolutions
+    "3x3_stride2_pad0": ((1, 4, 7, 8), 4, 3, 2, 0, 1, 1, True),
+    "4x4_stride2": ((2, 3, 8, 7), 5, 4, 2, 1, 1, 1, False),
+    "1x7_pad0_3": ((1, 4, 5, 9), 3, (1, 7), 1, (0, 3), 1, 1, True),
+    "7x1_pad3_0": ((1, 4, 9, 5), 3, (7, 1), 1, (3, 0), 1, 1, False),
 }
 
 
 def conv_case(rng, name):
     shape, out_channels, k, stride, padding, dilation, groups, with_bias = CONV_CASES[name]
     x = rng.standard_normal(shape)
-    weight = rng.standard_normal((out_channels, shape[1] // groups, k, k)) / np.sqrt(shape[1] * k * k)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    weight = rng.standard_normal((out_channels, shape[1] // groups, kh, kw)) / np.sqrt(shape[1] * kh * kw)
     bias = rng.standard_normal(out_channels) if with_bias else None
     return x, weight, bias, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
 
