@@ -261,14 +261,33 @@ def init_checkpoint(args, space: str):
     return start, unet_config
 
 
+def seeded_unet(unet_config, seed: int, init: str | None = None, start=None, note: str = ""):
+    """The U-Net to train: built and initialised after seeding (so --seed fixes its initial weights),
+    then given the EMA weights of the --init checkpoint ``start`` when there is one."""
+    from models import UNetModel
+    from training.loop import materialize, seed_everything
+    from weights.checkpoint import load_weights
+
+    seed_everything(seed)
+    unet = UNetModel(unet_config)
+    materialize(unet)
+    if init:
+        load_weights(unet, start.weights("ema"), init)
+        logging.getLogger("iidm").info("starting from the weights of %s%s", init, note)
+    return unet
+
+
+def unet_report(kind: str, result: dict) -> str:
+    return (f"{kind} trained to step {result['step']} ({result['updates']} updates, {result['bad_steps']} skipped); "
+            f"checkpoint {result['checkpoint']}")
+
+
 def ldm_stage(args) -> str:
     from dataclasses import replace
 
     from ldm.latents import LatentStore
     from ldm.training import TrainConfig, stored_config, train
-    from models import UNetConfig, UNetModel, unet_preset
-    from training.loop import materialize, seed_everything
-    from weights.checkpoint import load_weights
+    from models import UNetConfig, unet_preset
 
     if args.resume:
         unet_values, config, stored_latents = stored_config(args.output_path)
@@ -292,16 +311,9 @@ def ldm_stage(args) -> str:
         given["latent_scale"] = latent_scale_option(args.latent_scale, store)
     config = replace(config, **given)
     decode = sample_decoder(store, args.vq) if config.sample_every else None
-    seed_everything(config.seed)
-    unet = UNetModel(unet_config)
-    materialize(unet)
-    if args.init:
-        load_weights(unet, start.weights("ema"), args.init)
-        logging.getLogger("iidm").info("starting from the weights of %s (latent scale %.6g)", args.init,
-                                       config.latent_scale)
-    result = train(unet, store, args.output_path, config, decode=decode, resume=args.resume)
-    return (f"LDM trained to step {result['step']} ({result['updates']} updates, {result['bad_steps']} skipped); "
-            f"checkpoint {result['checkpoint']}")
+    unet = seeded_unet(unet_config, config.seed, args.init, start if args.init else None,
+                       f" (latent scale {config.latent_scale:.6g})")
+    return unet_report("LDM", train(unet, store, args.output_path, config, decode=decode, resume=args.resume))
 
 
 def sdm_stage(args) -> str:
@@ -310,9 +322,9 @@ def sdm_stage(args) -> str:
     from datasets.sdm import SDMFolder, sdm_dataset
     from ldm.pixel_training import PHASES, train
     from ldm.training import TrainConfig
-    from models import UNetConfig, UNetModel, unet_preset
-    from training.loop import checkpoint_to_resume, materialize, seed_everything
-    from weights.checkpoint import load_checkpoint, load_weights
+    from models import UNetConfig, unet_preset
+    from training.loop import checkpoint_to_resume
+    from weights.checkpoint import load_checkpoint
 
     if args.resume:
         source = checkpoint_to_resume(Path(args.output_path))
@@ -352,15 +364,9 @@ def sdm_stage(args) -> str:
         given = {**PHASES[args.phase], **given}
     config = replace(config, **given)
     folder = SDMFolder(dataset, data, args.split or "train", height=height, width=width)
-    seed_everything(config.seed)
-    unet = UNetModel(unet_config)
-    materialize(unet)
-    if args.init and not args.resume:
-        load_weights(unet, start.weights("ema"), args.init)
-        logging.getLogger("iidm").info("starting from the weights of %s", args.init)
-    result = train(unet, folder, args.output_path, config, resume=args.resume, random_crop=random_crop)
-    return (f"SDM trained to step {result['step']} ({result['updates']} updates, {result['bad_steps']} skipped); "
-            f"checkpoint {result['checkpoint']}")
+    unet = seeded_unet(unet_config, config.seed, args.init, start if args.init else None)
+    return unet_report("SDM", train(unet, folder, args.output_path, config, resume=args.resume,
+                                    random_crop=random_crop))
 
 
 def segmenter_stage(args) -> str:
