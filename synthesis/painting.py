@@ -58,13 +58,7 @@ def snap_to_palette(image: np.ndarray) -> Snapped:
 
     Each distinct colour is matched once (squared RGB distance to the 29 palette colours; ties go
     to the lower class index); pixels with alpha < 128 are "other"."""
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 picture, got {image.dtype}")
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        raise ValueError(f"expected an RGB or RGBA picture [H, W, 3|4], got shape {image.shape}")
+    image = _rgba(image)
     rgb = image[..., :3]
     packed = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
     colours, inverse = np.unique(packed.ravel(), return_inverse=True)
@@ -74,7 +68,7 @@ def snap_to_palette(image: np.ndarray) -> Snapped:
     exact = distance.min(axis=1) == 0
     label = nearest[inverse].reshape(packed.shape)
     off = ~exact[inverse].reshape(packed.shape)
-    erased = np.zeros(packed.shape, bool) if image.shape[2] == 3 else image[..., 3] < OPAQUE
+    erased = image[..., 3] < OPAQUE
     label[erased] = OTHER
     return Snapped(label, int((off & ~erased).sum()), int(erased.sum()))
 
@@ -105,6 +99,7 @@ def flatten(background: np.ndarray | None, layers: list[np.ndarray], composite: 
 
 
 def _rgba(picture: np.ndarray) -> np.ndarray:
+    """A uint8 grey [H, W], RGB or RGBA picture as RGBA [H, W, 4] (opaque where it had no alpha)."""
     picture = np.asarray(picture)
     if picture.dtype != np.uint8:
         raise ValueError(f"expected a uint8 picture, got {picture.dtype}")
