@@ -278,12 +278,16 @@ def random_crop(image: np.ndarray, label: np.ndarray, instance: np.ndarray | Non
     scale = short / min(photo.size)
     width, height = (round(side * scale) for side in photo.size)
     photo = np.asarray(photo.resize((width, height), resample=Image.BICUBIC), dtype=np.uint8)
+    shared = instance is label   # a dataset whose edges come from the label map itself
     label = _resize_ids(label, height, width)
-    instance = None if instance is None else _resize_ids(instance, height, width)
+    if instance is not None:
+        instance = label if shared else _resize_ids(instance, height, width)
     top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
     window = (slice(top, top + size), slice(left, left + size))
-    return (photo[window].copy(), label[window].copy(),
-            None if instance is None else instance[window].copy())
+    label = label[window].copy()
+    if instance is not None:
+        instance = label if shared else instance[window].copy()
+    return photo[window].copy(), label, instance
 
 
 @dataclass(frozen=True)
@@ -313,16 +317,16 @@ class SDMFolder:
 
     def label(self, index: int, full: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """(label int64, instance map int64 or None) at the folder's size (``full``: as stored)."""
-        label = read_label(self.label_paths[index], self.dataset)
+        stored = read_label(self.label_paths[index], self.dataset)
         instance = None
         if self.dataset.edges:
             path = self.instance_paths[index]
-            instance = label if path == self.label_paths[index] else read_instance(path, self.instance_bits)
+            instance = stored if path == self.label_paths[index] else read_instance(path, self.instance_bits)
         if full:
-            return label, instance
-        label = resize_label(label.astype(np.uint8), self.height, self.width).astype(np.int64)
+            return stored, instance
+        label = resize_label(stored.astype(np.uint8), self.height, self.width).astype(np.int64)
         if instance is not None:
-            instance = label if path == self.label_paths[index] else _resize_ids(instance, self.height, self.width)
+            instance = label if instance is stored else _resize_ids(instance, self.height, self.width)
         return label, instance
 
     def photo(self, index: int, full: bool = False) -> np.ndarray:

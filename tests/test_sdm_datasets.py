@@ -195,3 +195,7 @@ def test_random_crop_is_fixed_by_its_generator():
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not all(np.array_equal(a, b) for a, b in zip(first[:2], other[:2]))
+    # edges from the label map itself (CelebAMask-HQ): the instance crop is the label crop
+    _, lab, inst = random_crop(photo, label, label, 16, np.random.default_rng(3))
+    np.testing.assert_array_equal(lab, first[1])
+    np.testing.assert_array_equal(inst, lab)
