@@ -172,6 +172,7 @@ def build_app(studio: Studio, preset: str = "fast"):
 
     from infer import DEFAULT_QUALITY, QUALITY
     from ldm.pipeline import PRESETS
+    from synthesis.gallery import legend_html
 
     results = Results()
     references = studio.reference_names()
@@ -235,11 +236,10 @@ def build_app(studio: Studio, preset: str = "fast"):
         save_image(output_file, picture.output, quality=QUALITY.get(preset_name, DEFAULT_QUALITY))
         save_label(label_file, picture.label)
         save_image(mask_file, colorize(picture.label))
-        from synthesis.gallery import legend_html
-
-        notes = [n for n in [snapped.note(), *picture.notes] if n]
+        snap_note = snapped.note()
+        notes = [n for n in [snap_note, *picture.notes] if n]
         if snapped.off_palette:
-            gr.Warning(snapped.note())
+            gr.Warning(snap_note)
         lines = [f"Generated in {picture.seconds:.1f} s ({len(picture.rounds)} rounds, preset {preset_name}, "
                  f"seed {settings.seed})."] + [f"- {n}" for n in notes]
         if picture.command:

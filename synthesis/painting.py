@@ -11,7 +11,6 @@ off the palette. Erased pixels (alpha below half) become the class "other": the 
 
 from __future__ import annotations
 
-import html
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from datasets import CLASS_INDEX, CLASS_NAMES, NUM_CLASSES, PALETTE, DataError, colorize
+from datasets import CLASS_INDEX, NUM_CLASSES, PALETTE, DataError, colorize
 
 OTHER = CLASS_INDEX["other"]
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused (a label map is at most a few megapixels)
@@ -161,8 +160,7 @@ def read_photo_upload(image: np.ndarray, source: str = "uploaded photo") -> np.n
 
 def painted_picture(label: np.ndarray) -> np.ndarray:
     """A label map as an opaque RGBA picture in the palette (what the canvas starts from)."""
-    rgb = colorize(label)
-    return np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    return _rgba(colorize(label))
 
 
 def replace_class(label: np.ndarray, where: int, by: int) -> np.ndarray:
@@ -187,9 +185,3 @@ def palette_hex(index: int) -> str:
     r, g, b = (int(v) for v in PALETTE[index])
     return f"#{r:02x}{g:02x}{b:02x}"
 
-
-def palette_html() -> str:
-    """Every class with its colour swatch and label value, for the painting palette."""
-    items = "".join(f'<li><span class="swatch" style="background:{palette_hex(i)}"></span>'
-                    f"{html.escape(name)} <small>{i}</small></li>" for i, name in enumerate(CLASS_NAMES))
-    return f'<ul class="legend palette">{items}</ul>'
