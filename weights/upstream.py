@@ -268,23 +268,8 @@ def _image_size(value: Any) -> int | tuple[int, int]:
     return _int("image_size", value)
 
 
-def sdm_config(arguments: Mapping[str, Any], origin: str = "SDM/IIDM arguments") -> UpstreamConfig:
-    """The U-Net and diffusion settings that SDM's (or IIDM's) ``create_model_and_diffusion``
-    builds from these arguments, the others taking ``model_and_diffusion_defaults()``."""
-    unknown = sorted(set(arguments) - set(SDM_DEFAULTS) - SCRIPT_FLAGS - IIDM_ONLY)
-    if unknown:
-        raise UpstreamConfigError(f"unknown SDM/IIDM option(s) {', '.join(unknown)} (a typo would silently "
-                                  f"change the network); known: {', '.join(sorted(SDM_DEFAULTS))}")
-    a = {**SDM_DEFAULTS, **arguments}
-    notes = []
-    not_network = SCRIPT_FLAGS | {"use_checkpoint", "timestep_respacing", "use_kl", "rescale_learned_sigmas",
-                                  "ae_config", "ae_ckpt"}
-    ignored = sorted(set(arguments) & not_network)
-    if ignored:
-        notes.append("left out (data, training, sampling or memory options, not the network): " + ", ".join(ignored))
-
-    image_size = _image_size(a["image_size"])
-    iidm = isinstance(image_size, tuple) or bool(set(arguments) & IIDM_ONLY)
+def _sdm_diffusion_checks(a: Mapping[str, Any]) -> tuple[int, str]:
+    """Refuses the SDM options this project cannot reproduce; returns (diffusion steps, schedule kind)."""
     if not _bool("class_cond", a["class_cond"]):
         raise UpstreamConfigError("class_cond is False: SDM's U-Net is then built without mask channels "
                                   "(num_classes=None), which its SPADE blocks cannot take; semantic models "
@@ -303,15 +288,39 @@ def sdm_config(arguments: Mapping[str, Any], origin: str = "SDM/IIDM arguments")
     kind = a["noise_schedule"]
     if kind not in ("linear", "cosine"):
         raise UpstreamConfigError(f"noise_schedule must be linear or cosine (guided-diffusion's), got {kind!r}")
+    return steps, kind
 
+
+def _sdm_channel_mult(a: Mapping[str, Any], image_size) -> tuple[int, ...]:
+    """``channel_mult`` as given, or, when empty, the one the reference picks by image size."""
     if a["channel_mult"] in ("", None, []):
         table = IIDM_CHANNEL_MULT if isinstance(image_size, tuple) else SDM_CHANNEL_MULT
         if image_size not in table:
             raise UpstreamConfigError(f"unsupported image size: {image_size} (with an empty channel_mult the "
                                       f"reference picks it by image size, for {sorted(table)} only)")
-        channel_mult = table[image_size]
-    else:
-        channel_mult = tuple(_int_list("channel_mult", a["channel_mult"]))
+        return table[image_size]
+    return tuple(_int_list("channel_mult", a["channel_mult"]))
+
+
+def sdm_config(arguments: Mapping[str, Any], origin: str = "SDM/IIDM arguments") -> UpstreamConfig:
+    """The U-Net and diffusion settings that SDM's (or IIDM's) ``create_model_and_diffusion``
+    builds from these arguments, the others taking ``model_and_diffusion_defaults()``."""
+    unknown = sorted(set(arguments) - set(SDM_DEFAULTS) - SCRIPT_FLAGS - IIDM_ONLY)
+    if unknown:
+        raise UpstreamConfigError(f"unknown SDM/IIDM option(s) {', '.join(unknown)} (a typo would silently "
+                                  f"change the network); known: {', '.join(sorted(SDM_DEFAULTS))}")
+    a = {**SDM_DEFAULTS, **arguments}
+    notes = []
+    not_network = SCRIPT_FLAGS | {"use_checkpoint", "timestep_respacing", "use_kl", "rescale_learned_sigmas",
+                                  "ae_config", "ae_ckpt"}
+    ignored = sorted(set(arguments) & not_network)
+    if ignored:
+        notes.append("left out (data, training, sampling or memory options, not the network): " + ", ".join(ignored))
+
+    image_size = _image_size(a["image_size"])
+    iidm = isinstance(image_size, tuple) or bool(set(arguments) & IIDM_ONLY)
+    steps, kind = _sdm_diffusion_checks(a)
+    channel_mult = _sdm_channel_mult(a, image_size)
     width = image_size[0] if isinstance(image_size, tuple) else image_size
     sizes = _int_list("attention_resolutions", a["attention_resolutions"])
     if any(res <= 0 for res in sizes):
