@@ -10,16 +10,14 @@ CPU and, when a GPU is usable, on CUDA.
 
 from __future__ import annotations
 
-import sys
-
-
-import argparse
 import os
 import platform
+import sys
 import time
 
 import numpy as np
 
+import cli
 import jittor_env
 
 
@@ -38,7 +36,7 @@ def run(jt, model, image: np.ndarray, iterations: int, warmup: int) -> tuple[flo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="vq-f4")
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--width", type=int, default=512)

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import cli
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,7 +36,6 @@ def _status_mib(key: str) -> float:
 
 def worker(args) -> None:
     os.environ["profile_memory_enable"] = "1"
-    sys.path.insert(0, str(REPO))
     import jittor_env
 
     jt = jittor_env.setup(force_cpu=not args.cuda)
@@ -90,7 +91,7 @@ def worker(args) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=128)
@@ -104,10 +105,10 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for mode in ("plain", "checkpoint"):
-        command = [sys.executable, __file__, "--mode", mode, "--preset", args.preset, "--height", str(args.height),
+        command = [sys.executable, "-m", "bench.bench_grad_checkpoint", "--mode", mode, "--preset", args.preset, "--height", str(args.height),
                    "--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps)]
         command += ["--cuda"] if args.cuda else []
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
             print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import cli
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"m128": ({"model_channels": 128}, (48, 64)), "m64": ({"model_channels": 64}, (32, 48)),
          "demo": (None, (24, 32))}
@@ -52,7 +54,6 @@ def inputs(np, config: dict, batch: int, height: int, width: int) -> dict:
 
 
 def jittor_worker(spec: dict) -> dict:
-    sys.path.insert(0, str(REPO))
     settings = spec["settings"]
     for name, value in settings.items():
         if not name.isidentifier() or name.startswith("IIDM_"):
@@ -98,11 +99,10 @@ def torch_worker(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(REPO))
     from bench.bench_ops import sdm_unet
 
     torch.set_num_threads(spec["threads"])
-    model = sdm_unet(spec["sdm_path"], spec["config"]).eval()
+    model = sdm_unet(spec["config"]).eval()
     height, width = spec["height"], spec["width"]
     data = inputs(np, spec["config"], spec["batch"], height, width)
     x, t, mask = (torch.from_numpy(data[k]) for k in ("x", "t", "mask"))
@@ -122,9 +122,10 @@ def torch_worker(spec: dict) -> dict:
 
 
 def run(python: str, spec: dict, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    done = subprocess.run([python, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, cwd=REPO)
+    from bench.bench_ops import module_command, worker_env
+
+    done = subprocess.run(module_command(python, "bench.bench_memory", "--worker", json.dumps(spec)),
+                          capture_output=True, text=True, env=worker_env(threads, spec.get("sdm_path")), cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise RuntimeError(f"worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -145,9 +146,9 @@ def parse_variants(text: str) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--torch-python", help="python of a separate environment with torch (CPU)")
-    parser.add_argument("--sdm-path", help="folder holding SDM's guided_diffusion/")
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--torch_python", help="python of a separate environment with torch (CPU)")
+    parser.add_argument("--sdm_path", help="folder holding SDM's guided_diffusion/")
     parser.add_argument("--size", default="m128", choices=sorted(SIZES))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="forwards per process (default 2)")
@@ -174,7 +175,6 @@ def main(argv=None) -> int:
             f"{k}={v}" for k, v in settings.items()) or "default", load=load))
         print(json.dumps(rows[-1]), flush=True)
     if args.torch_python:
-        sys.path.insert(0, str(REPO))
         import jittor_env  # noqa: F401
         from models import unet_preset
 

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 LATENT_SIZES = {"tiny": (16, 24), "demo": (24, 32), "iidm": (96, 128)}
 GROUPS = 32
@@ -309,13 +311,31 @@ def torch_op_steps(torch, case: dict) -> dict:
     return {"fwd": forward, "fwd+bwd": backward}
 
 
-def sdm_unet(sdm_path: str, config: dict):
+def worker_env(threads: int, sdm_path: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a benchmark's worker process: ``threads`` threads, and SDM's source
+    folder (``--sdm_path``, which holds ``guided_diffusion/``) importable through PYTHONPATH."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra)
+    if sdm_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(Path(sdm_path).resolve()), env.get("PYTHONPATH"))))
+    return env
+
+
+def module_command(python: str, module: str, *args: str) -> list[str]:
+    """``python -m module args``: run from the repository root (``cwd=ROOT``), so the project
+    imports the standard way in any interpreter, PyTorch's venv included."""
+    return [python, "-m", module, *args]
+
+
+def sdm_unet(config: dict):
     """SDM's UNetModel with this project's preset widths: SDM fixes 32 groups and a SPADE hidden
-    width of 128, so ``normalization`` and ``SPADEGroupNorm`` are rebuilt with the preset's."""
-    if sdm_path not in sys.path:
-        sys.path.insert(0, sdm_path)
-    import guided_diffusion.nn as gnn
-    import guided_diffusion.unet as gunet
+    width of 128, so ``normalization`` and ``SPADEGroupNorm`` are rebuilt with the preset's.
+    SDM's source comes from PYTHONPATH (``worker_env``)."""
+    try:
+        import guided_diffusion.nn as gnn
+        import guided_diffusion.unet as gunet
+    except ImportError as exc:
+        raise SystemExit(f"cannot import SDM's guided_diffusion ({exc}): give --sdm_path, the folder of "
+                         "SDM's repository that holds guided_diffusion/") from None
     from torch import nn
 
     groups, hidden = config["norm_groups"], config["spade_hidden_channels"]
@@ -343,10 +363,10 @@ def sdm_unet(sdm_path: str, config: dict):
         use_scale_shift_norm=config["use_scale_shift_norm"], resblock_updown=config["resblock_updown"])
 
 
-def torch_unet_steps(torch, sdm_path: str, spec: dict):
+def torch_unet_steps(torch, spec: dict):
     """({mode: step}, relative difference of SDM's output from the Jittor model's, same weights)."""
     data = np.load(spec["exchange"])
-    model = sdm_unet(sdm_path, spec["config"])
+    model = sdm_unet(spec["config"])
     state = {k[len("param:"):]: torch.from_numpy(data[k]) for k in data.files if k.startswith("param:")}
     model.load_state_dict(state, strict=True)
     x, t, mask, target = (torch.from_numpy(data[k]) for k in ("x", "t", "mask", "target"))
@@ -365,7 +385,7 @@ def torch_unet_steps(torch, sdm_path: str, spec: dict):
     return {"train": train, "sample": sample}, difference
 
 
-def torch_worker(threads: int, sdm_path: str | None) -> None:
+def torch_worker(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -381,7 +401,7 @@ def torch_worker(threads: int, sdm_path: str | None) -> None:
             steps[command["id"]] = torch_op_steps(torch, command["case"])
             answer(ok=True)
         elif command["cmd"] == "unet":
-            steps[command["id"]], difference = torch_unet_steps(torch, sdm_path, command["spec"])
+            steps[command["id"]], difference = torch_unet_steps(torch, command["spec"])
             answer(ok=True, relative_difference=difference)
         elif command["cmd"] == "run":
             answer(times=timed(steps[command["id"]][command["mode"]])(command["n"]))
@@ -394,7 +414,8 @@ class WorkerProcess:
     answers one JSON command per line with a ``RESULT {json}`` line; its first answer is ``info``."""
 
     def __init__(self, command: list[str], env: dict[str, str]):
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=ROOT)
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -421,10 +442,8 @@ class TorchWorker(WorkerProcess):
     """The PyTorch half, in a subprocess of ``python`` with ``threads`` threads."""
 
     def __init__(self, python: str, threads: int, sdm_path: str | None):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        command = [python, __file__, "--torch-worker", str(threads)]
-        command += ["--sdm-path", sdm_path] if sdm_path else []
-        super().__init__(command, env)
+        super().__init__(module_command(python, "bench.bench_ops", "--torch_worker", str(threads)),
+                         worker_env(threads, sdm_path))
         self.next_id = 0
 
     def op(self, case: dict) -> dict:
@@ -526,35 +545,33 @@ def report(op_rows: list, unet_rows: list, matmul_peak: float) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--torch-python", help="python of a separate environment with torch (CPU)")
-    parser.add_argument("--sdm-path", help="folder holding SDM's guided_diffusion/ (for the PyTorch U-Net)")
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--torch_python", help="python of a separate environment with torch (CPU)")
+    parser.add_argument("--sdm_path", help="folder holding SDM's guided_diffusion/ (for the PyTorch U-Net)")
     parser.add_argument("--threads", type=int, default=2, help="threads for both frameworks (default 2)")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per op (default 20)")
-    parser.add_argument("--unet-repeats", type=int, default=10, help="timed rounds per U-Net step (default 10)")
+    parser.add_argument("--unet_repeats", type=int, default=10, help="timed rounds per U-Net step (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (compilation)")
     parser.add_argument("--calls", type=int, default=10, help="back-to-back calls per op timing (default 10)")
     parser.add_argument("--pause", type=float, default=0.02,
                         help="seconds of rest before each timed burst (default 0.02; see time_rounds)")
     parser.add_argument("--presets", default="tiny,demo", help="U-Net presets (default tiny,demo)")
-    parser.add_argument("--train-batch", type=int, default=4)
-    parser.add_argument("--sample-batch", type=int, default=4)
+    parser.add_argument("--train_batch", type=int, default=4)
+    parser.add_argument("--sample_batch", type=int, default=4)
     parser.add_argument("--ops", help="comma-separated op names to keep (default: all)")
-    parser.add_argument("--ops-only", action="store_true", help="skip the U-Net steps")
-    parser.add_argument("--unet-only", action="store_true", help="skip the ops")
+    parser.add_argument("--ops_only", action="store_true", help="skip the U-Net steps")
+    parser.add_argument("--unet_only", action="store_true", help="skip the ops")
     parser.add_argument("--json", help="also write every figure to this file")
-    parser.add_argument("--torch-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--torch_worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.torch_worker:
-        torch_worker(args.torch_worker, args.sdm_path)
+        torch_worker(args.torch_worker)
         return 0
     if args.torch_python and not args.ops_only and not args.sdm_path:
         parser.error("--sdm-path is needed for the PyTorch U-Net (or pass --ops-only)")
     # Jittor's kernels and oneDNN read the OpenMP thread count when they start.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
 
     wanted = args.ops.split(",") if args.ops else None
     cases = [] if args.unet_only else [c for c in op_cases() if wanted is None or c["op"] in wanted]

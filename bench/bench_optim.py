@@ -9,15 +9,16 @@ round, so load changes hit both; medians and minima in milliseconds, with the 1-
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
+import cli
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="tiny,demo")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)

@@ -17,7 +17,6 @@ sync) plus a small fixed network cost that is reported separately.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -25,6 +24,7 @@ import time
 import numpy as np
 
 
+import cli
 import jittor_env
 
 SOLVERS = ("dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc")
@@ -247,15 +247,15 @@ def print_accuracy(selection: bool) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
     parser.add_argument("--height", type=int, default=96, help="latent height (default 96)")
     parser.add_argument("--width", type=int, default=128, help="latent width (default 128)")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run (default 20)")
     parser.add_argument("--selection", action="store_true",
                         help="also print every solver's error at 4..16 steps per round (about a minute)")
-    parser.add_argument("--skip-accuracy", action="store_true", help="skip the oracle measurements")
-    parser.add_argument("--skip-timing", action="store_true", help="skip the wall-time measurement")
+    parser.add_argument("--skip_accuracy", action="store_true", help="skip the oracle measurements")
+    parser.add_argument("--skip_timing", action="store_true", help="skip the wall-time measurement")
     jittor_env.add_arguments(parser)
     args = parser.parse_args(argv)
 

@@ -14,14 +14,14 @@ afterwards. Free disk and memory are checked first; the script refuses to start 
 
 from __future__ import annotations
 
-import argparse
 import math
 import shutil
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import cli
+
 MIB = 1024.0 ** 2
 PREFIXES = ("model", "ema", "optim/m", "optim/v")
 
@@ -63,15 +63,15 @@ def unet_shapes(jt, preset: str) -> dict[str, tuple[int, ...]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="iidm", help="U-Net preset (default iidm)")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_save.safetensors"),
+    parser.add_argument("--output_path", type=Path, default=Path("/tmp/bench_save.safetensors"),
                         help="where to write the checkpoint (deleted afterwards)")
     parser.add_argument("--values", choices=("jittor", "numpy"), default="jittor",
                         help="hold the state as Jittor Vars (as training does) or numpy arrays")
+    parser.alias("--out", "--output_path")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(REPO))
     import jittor_env
 
     jt = jittor_env.setup(force_cpu=True)
@@ -86,10 +86,10 @@ def main(argv=None) -> int:
     sizes = {name: 4 * math.prod(shape) for name, shape in shapes.items()}
     total = len(PREFIXES) * sum(sizes.values())
     largest = max(sizes, key=sizes.get)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    free_disk = shutil.disk_usage(args.out.parent).free
+    args.output_path.parent.mkdir(parents=True, exist_ok=True)
+    free_disk = shutil.disk_usage(args.output_path.parent).free
     if free_disk < total + 2 ** 30:
-        print(f"bench_save: {args.out.parent} has {free_disk / 2 ** 30:.1f} GiB free, the checkpoint needs "
+        print(f"bench_save: {args.output_path.parent} has {free_disk / 2 ** 30:.1f} GiB free, the checkpoint needs "
               f"{total / 2 ** 30:.1f} GiB + 1 GiB", file=sys.stderr)
         return 1
     if available_mib() * MIB < total + 2 * 2 ** 30:
@@ -116,12 +116,12 @@ def main(argv=None) -> int:
     before = status_mib("VmHWM:")
     start = time.perf_counter()
     try:
-        save_checkpoint(args.out, arrays, kind="unet" + TRAIN_SUFFIX, config=config, extra={"step": 0})
+        save_checkpoint(args.output_path, arrays, kind="unet" + TRAIN_SUFFIX, config=config, extra={"step": 0})
         seconds = time.perf_counter() - start
-        written = args.out.stat().st_size
+        written = args.output_path.stat().st_size
     finally:
-        if args.out.exists():
-            args.out.unlink()
+        if args.output_path.exists():
+            args.output_path.unlink()
     peak = status_mib("VmHWM:")
     print(f"values held as {args.values}: resident {resident:.0f} MiB before saving")
     print(f"saving: {written / MIB:.0f} MiB in {seconds:.1f} s ({written / MIB / seconds:.0f} MiB/s); "

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # name: (preset, overrides, (height, width))
     "tiny": ("tiny", {}, (16, 24)),
@@ -93,11 +95,10 @@ def jittor_steps(jt, size: str, batch: int, optimizer: str, exchange: Path):
 
 
 # ----------------------------------------------------------------------------------- PyTorch
-def torch_worker(threads: int, sdm_path: str) -> None:
-    """Runs in --torch-python; answers one JSON command per line with one RESULT line."""
+def torch_worker(threads: int) -> None:
+    """Runs in --torch_python; answers one JSON command per line with one RESULT line."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from bench.bench_ops import sdm_unet
 
     torch.set_num_threads(threads)
@@ -112,7 +113,7 @@ def torch_worker(threads: int, sdm_path: str) -> None:
         command = json.loads(line)
         if command["cmd"] == "build":
             data = np.load(command["spec"]["exchange"])
-            model = sdm_unet(sdm_path, command["spec"]["config"]).to(device)
+            model = sdm_unet(command["spec"]["config"]).to(device)
             model.load_state_dict({k[6:]: torch.from_numpy(data[k]) for k in data.files if k.startswith("param:")},
                                   strict=True)
             x, t, mask, target = (torch.from_numpy(data[k]).to(device) for k in ("x", "t", "mask", "target"))
@@ -154,15 +155,14 @@ def torch_worker(threads: int, sdm_path: str) -> None:
 
 def start_torch_worker(python: str, threads: int, sdm_path: str, cuda: bool):
     """This script's PyTorch half (``--torch-worker``) in ``python`` with ``threads`` threads."""
-    from bench.bench_ops import WorkerProcess
+    from bench.bench_ops import WorkerProcess, module_command, worker_env
 
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               BENCH_TORCH_CUDA="1" if cuda else "0")
-    return WorkerProcess([python, __file__, "--torch-worker", str(threads), "--sdm-path", sdm_path], env)
+    return WorkerProcess(module_command(python, "bench.bench_train_step", "--torch_worker", str(threads)),
+                         worker_env(threads, sdm_path, BENCH_TORCH_CUDA="1" if cuda else "0"))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,demo,m64,m128")
     parser.add_argument("--batches", default="2,4")
     parser.add_argument("--modes", default="train,sample")
@@ -170,12 +170,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--torch_python", "--torch-python", dest="torch_python")
-    parser.add_argument("--sdm_path", "--sdm-path", dest="sdm_path")
-    parser.add_argument("--torch-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--torch_python", dest="torch_python")
+    parser.add_argument("--sdm_path", dest="sdm_path")
+    parser.add_argument("--torch_worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_worker:
-        torch_worker(args.torch_worker, args.sdm_path)
+        torch_worker(args.torch_worker)
         return 0
     sizes, modes = args.sizes.split(","), args.modes.split(",")
     batches = [int(b) for b in args.batches.split(",")]

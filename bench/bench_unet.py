@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 
+import cli
 import jittor_env  # noqa: F401  (must precede jittor)
 
 # Latent size per preset: (height, width).
@@ -168,14 +169,14 @@ def machine_line(cuda: bool) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="tiny,demo", help="comma-separated: tiny, demo, iidm")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
     parser.add_argument("--precisions", default="fp32", help="fp32 and/or fp16 (fp16 needs CUDA)")
     parser.add_argument("--steps", type=int, default=5,
                         help="timed steps per mode (median and minimum reported; GFLOP/s from the median)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel compilation)")
-    parser.add_argument("--forward-only", action="store_true", help="skip the training step")
+    parser.add_argument("--forward_only", action="store_true", help="skip the training step")
     parser.add_argument("--height", type=int, help="latent height (default: the preset's)")
     parser.add_argument("--width", type=int, help="latent width (default: the preset's)")
     parser.add_argument("--json", help="also write the results to this file")

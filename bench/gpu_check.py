@@ -44,10 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import cli
+import jittor_env
 
-import jittor_env  # noqa: E402  (must precede jittor)
+REPO = Path(__file__).resolve().parents[1]
 
 GiB = 2 ** 30
 CARD_24GB = 23.5 * GiB      # what a 24 GB card leaves to one process (display and driver take the rest)
@@ -443,14 +443,14 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry_run", "--dry-run", action="store_true",
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument("--dry_run", action="store_true",
                         help="the CPU at tiny sizes: checks the script up to the device (CI)")
-    parser.add_argument("--output_path", "--output-path", type=Path, default=REPO / "outputs" / "gpu_check",
+    parser.add_argument("--output_path", type=Path, default=REPO / "outputs" / "gpu_check",
                         help="folder for gpu_check.json and gpu_check.md (default outputs/gpu_check)")
-    parser.add_argument("--budget_s", "--budget-s", type=float, default=420.0,
+    parser.add_argument("--budget_s", type=float, default=420.0,
                         help="seconds for the measurements (default 420); the ramps stop at their share")
-    parser.add_argument("--skip_tests", "--skip-tests", action="store_true", help="do not run pytest -m cuda")
+    parser.add_argument("--skip_tests", action="store_true", help="do not run pytest -m cuda")
     parser.add_argument("--worker", choices=("train", "infer"), help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)
