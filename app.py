@@ -21,6 +21,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -166,16 +167,130 @@ def guarded(function):
     return call
 
 
+def generate_handler(studio: Studio, results: Results):
+    """The handler of the generate button: the canvas and choices in, the picture, its rounds,
+    mask, legend, report and three download files out."""
+    import gradio as gr
+
+    from infer import DEFAULT_QUALITY, QUALITY
+    from synthesis.gallery import legend_html
+
+    @guarded
+    def generate(value, reference_name, reference_upload, preset_name, seed, preset_guidance, guidance,
+                 progress=gr.Progress()):
+        snapped = canvas_label(value)
+        reference, reference_file = chosen_reference(studio, reference_name, reference_upload)
+        if seed is None or not float(seed).is_integer() or not 0 <= seed < 2 ** 63:
+            raise DataError(f"the seed must be a whole number in 0..2^63-1, got {seed}")
+        settings = Settings(preset_name, int(seed), None if preset_guidance else float(guidance))
+
+        def report(index, rounds, step, steps):
+            progress((step, steps), desc=f"round {index + 1} of {rounds}", unit="steps")
+
+        progress(0, desc="round 1")
+        picture = studio.generate(snapped.label, reference, settings, report, reference_file)
+        folder = results.folder()
+        output_file, label_file, mask_file = folder / f"{NAME}.jpg", folder / f"{NAME}.png", folder / f"{NAME}_colour.png"
+        save_image(output_file, picture.output, quality=QUALITY.get(preset_name, DEFAULT_QUALITY))
+        save_label(label_file, picture.label)
+        save_image(mask_file, colorize(picture.label))
+        snap_note = snapped.note()
+        notes = [n for n in [snap_note, *picture.notes] if n]
+        if snapped.off_palette:
+            gr.Warning(snap_note)
+        lines = [f"Generated in {picture.seconds:.1f} s ({len(picture.rounds)} rounds, preset {preset_name}, "
+                 f"seed {settings.seed})."] + [f"- {n}" for n in notes]
+        if picture.command:
+            lines.append(f"\nSame output from the command line, with the downloaded label map:\n\n```\n{picture.command}\n```")
+        rounds = [(image, f"round {k + 1}") for k, image in enumerate(picture.rounds)]
+        return (picture.output, rounds, colorize(picture.label), legend_html(picture.label), "\n".join(lines),
+                gr.update(value=str(output_file), interactive=True), gr.update(value=str(label_file), interactive=True),
+                gr.update(value=str(mask_file), interactive=True))
+
+    return generate
+
+
+def chosen_reference(studio: Studio, name, upload) -> tuple[np.ndarray, str]:
+    """The style reference (an uploaded photo wins over the folder's choice) and how the command
+    line names it ("PHOTO" for an upload)."""
+    if upload is not None:
+        return painting.read_photo_upload(upload), "PHOTO"
+    if name:
+        return studio.reference(name), str(studio.reference_path(name))
+    raise DataError("no style reference: choose one from the training folder or upload a photo")
+
+
+def layout(studio: Studio, preset: str, first_label: np.ndarray) -> SimpleNamespace:
+    """Lays the app's components out inside an open ``gr.Blocks``; returns the ones handlers use."""
+    import gradio as gr
+
+    from ldm.pipeline import PRESETS
+
+    references = studio.reference_names()
+    gr.Markdown("## IIDM studio\nPaint a landscape with the class colours (or upload a label map), pick a "
+                "style reference, generate. The eraser paints \"other\".")
+    with gr.Row():
+        with gr.Column(scale=3):
+            canvas = gr.ImageEditor(
+                value=editor_value(first_label), elem_id="canvas", label="label map", image_mode="RGBA",
+                type="numpy", format="png", sources=(), transforms=(), canvas_size=(CANVAS[1], CANVAS[0]),
+                brush=brush("tree", 12), eraser=gr.Eraser(default_size=12),
+                layers=gr.LayerOptions(allow_additional_layers=False), height=480)
+            with gr.Row():
+                size = gr.Slider(1, 64, value=12, step=1, label="brush size", elem_id="brush-size")
+                fill_where = gr.Dropdown(list(CLASS_NAMES), value="other", label="fill: every pixel of",
+                                         elem_id="fill-where")
+                fill_button = gr.Button("fill it with the brush class", elem_id="fill")
+            with gr.Row():
+                layout_button = gr.Button("new random layout", elem_id="new-layout")
+                clear_button = gr.Button("clear to \"other\"", elem_id="clear")
+            canvas_note = gr.Markdown(elem_id="canvas-note")
+        with gr.Column(scale=1, min_width=300):
+            palette = gr.Radio(list(CLASS_NAMES), value="tree", label="brush class (palette)", elem_id="palette")
+            label_upload = gr.File(label="upload a label map (class-index PNG, or a picture in the "
+                                         "palette colours)", file_types=["image"], elem_id="label-upload",
+                                   height=120)
+    with gr.Row():
+        with gr.Column():
+            reference_name = gr.Dropdown(references, value=references[0] if references else None,
+                                         label=f"style reference from {studio.folder}", elem_id="reference")
+            reference_upload = gr.Image(label="or upload a photo (used while present)", type="numpy",
+                                        sources=("upload",), elem_id="reference-upload", height=200)
+            reference_view = gr.Image(label="chosen reference", interactive=False, height=200,
+                                      value=studio.reference(references[0]) if references else None)
+        with gr.Column():
+            preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset (iidm: the official "
+                                     "1280-pass recipe; fast and fastest: solvers)", elem_id="preset")
+            seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed", minimum=0)
+            preset_guidance = gr.Checkbox(value=True, label="the preset's guidance scales", elem_id="preset-guidance")
+            guidance = gr.Slider(1.0, 10.0, value=3.5, step=0.1, label="guidance scale (every round)",
+                                 elem_id="guidance", interactive=True)
+            go = gr.Button("generate", variant="primary", elem_id="generate")
+    with gr.Row():
+        output = gr.Image(label="output", type="numpy", format="png", interactive=False, elem_id="output")
+        mask_view = gr.Image(label="mask", type="numpy", format="png", interactive=False, elem_id="mask")
+        legend = gr.HTML(elem_id="legend", label="mask legend")
+    rounds = gr.Gallery(label="rounds", columns=3, height=220, elem_id="rounds", format="png")
+    with gr.Row():
+        download_output = gr.DownloadButton("output (JPG)", interactive=False, elem_id="download-output")
+        download_label = gr.DownloadButton("label map (PNG, class indices)", interactive=False,
+                                           elem_id="download-label")
+        download_mask = gr.DownloadButton("coloured mask (PNG)", interactive=False, elem_id="download-mask")
+    info = gr.Markdown(elem_id="info")
+    return SimpleNamespace(canvas=canvas, size=size, fill_where=fill_where, fill_button=fill_button,
+                           layout_button=layout_button, clear_button=clear_button, canvas_note=canvas_note,
+                           palette=palette, label_upload=label_upload, reference_name=reference_name,
+                           reference_upload=reference_upload, reference_view=reference_view, preset_box=preset_box,
+                           seed=seed, preset_guidance=preset_guidance, guidance=guidance, go=go, output=output,
+                           mask_view=mask_view, legend=legend, rounds=rounds, download_output=download_output,
+                           download_label=download_label, download_mask=download_mask, info=info)
+
+
 def build_app(studio: Studio, preset: str = "fast"):
     """The Gradio Blocks of the app (not launched)."""
     import gradio as gr
 
-    from infer import DEFAULT_QUALITY, QUALITY
-    from ldm.pipeline import PRESETS
-    from synthesis.gallery import legend_html
-
     results = Results()
-    references = studio.reference_names()
     first_label = painting.starter_label(*CANVAS, seed=0)
     layouts = {"count": 0}
 
@@ -211,106 +326,21 @@ def build_app(studio: Studio, preset: str = "fast"):
     def show_reference(name):
         return studio.reference(name) if name else None
 
-    @guarded
-    def generate(value, reference_name, reference_upload, preset_name, seed, preset_guidance, guidance,
-                 progress=gr.Progress()):
-        snapped = canvas_label(value)
-        if reference_upload is not None:
-            reference, reference_file = painting.read_photo_upload(reference_upload), "PHOTO"
-        elif reference_name:
-            reference = studio.reference(reference_name)
-            reference_file = str(studio.reference_path(reference_name))
-        else:
-            raise DataError("no style reference: choose one from the training folder or upload a photo")
-        if seed is None or not float(seed).is_integer() or not 0 <= seed < 2 ** 63:
-            raise DataError(f"the seed must be a whole number in 0..2^63-1, got {seed}")
-        settings = Settings(preset_name, int(seed), None if preset_guidance else float(guidance))
-
-        def report(index, rounds, step, steps):
-            progress((step, steps), desc=f"round {index + 1} of {rounds}", unit="steps")
-
-        progress(0, desc="round 1")
-        picture = studio.generate(snapped.label, reference, settings, report, reference_file)
-        folder = results.folder()
-        output_file, label_file, mask_file = folder / f"{NAME}.jpg", folder / f"{NAME}.png", folder / f"{NAME}_colour.png"
-        save_image(output_file, picture.output, quality=QUALITY.get(preset_name, DEFAULT_QUALITY))
-        save_label(label_file, picture.label)
-        save_image(mask_file, colorize(picture.label))
-        snap_note = snapped.note()
-        notes = [n for n in [snap_note, *picture.notes] if n]
-        if snapped.off_palette:
-            gr.Warning(snap_note)
-        lines = [f"Generated in {picture.seconds:.1f} s ({len(picture.rounds)} rounds, preset {preset_name}, "
-                 f"seed {settings.seed})."] + [f"- {n}" for n in notes]
-        if picture.command:
-            lines.append(f"\nSame output from the command line, with the downloaded label map:\n\n```\n{picture.command}\n```")
-        rounds = [(image, f"round {k + 1}") for k, image in enumerate(picture.rounds)]
-        return (picture.output, rounds, colorize(picture.label), legend_html(picture.label), "\n".join(lines),
-                gr.update(value=str(output_file), interactive=True), gr.update(value=str(label_file), interactive=True),
-                gr.update(value=str(mask_file), interactive=True))
-
+    generate = generate_handler(studio, results)
     with gr.Blocks(title="IIDM studio", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
-        gr.Markdown("## IIDM studio\nPaint a landscape with the class colours (or upload a label map), pick a "
-                    "style reference, generate. The eraser paints \"other\".")
-        with gr.Row():
-            with gr.Column(scale=3):
-                canvas = gr.ImageEditor(
-                    value=editor_value(first_label), elem_id="canvas", label="label map", image_mode="RGBA",
-                    type="numpy", format="png", sources=(), transforms=(), canvas_size=(CANVAS[1], CANVAS[0]),
-                    brush=brush("tree", 12), eraser=gr.Eraser(default_size=12),
-                    layers=gr.LayerOptions(allow_additional_layers=False), height=480)
-                with gr.Row():
-                    size = gr.Slider(1, 64, value=12, step=1, label="brush size", elem_id="brush-size")
-                    fill_where = gr.Dropdown(list(CLASS_NAMES), value="other", label="fill: every pixel of",
-                                             elem_id="fill-where")
-                    fill_button = gr.Button("fill it with the brush class", elem_id="fill")
-                with gr.Row():
-                    layout_button = gr.Button("new random layout", elem_id="new-layout")
-                    clear_button = gr.Button("clear to \"other\"", elem_id="clear")
-                canvas_note = gr.Markdown(elem_id="canvas-note")
-            with gr.Column(scale=1, min_width=300):
-                palette = gr.Radio(list(CLASS_NAMES), value="tree", label="brush class (palette)", elem_id="palette")
-                label_upload = gr.File(label="upload a label map (class-index PNG, or a picture in the "
-                                             "palette colours)", file_types=["image"], elem_id="label-upload",
-                                       height=120)
-        with gr.Row():
-            with gr.Column():
-                reference_name = gr.Dropdown(references, value=references[0] if references else None,
-                                             label=f"style reference from {studio.folder}", elem_id="reference")
-                reference_upload = gr.Image(label="or upload a photo (used while present)", type="numpy",
-                                            sources=("upload",), elem_id="reference-upload", height=200)
-                reference_view = gr.Image(label="chosen reference", interactive=False, height=200,
-                                          value=studio.reference(references[0]) if references else None)
-            with gr.Column():
-                preset_box = gr.Dropdown(list(PRESETS), value=preset, label="preset (iidm: the official "
-                                         "1280-pass recipe; fast and fastest: solvers)", elem_id="preset")
-                seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed", minimum=0)
-                preset_guidance = gr.Checkbox(value=True, label="the preset's guidance scales", elem_id="preset-guidance")
-                guidance = gr.Slider(1.0, 10.0, value=3.5, step=0.1, label="guidance scale (every round)",
-                                     elem_id="guidance", interactive=True)
-                go = gr.Button("generate", variant="primary", elem_id="generate")
-        with gr.Row():
-            output = gr.Image(label="output", type="numpy", format="png", interactive=False, elem_id="output")
-            mask_view = gr.Image(label="mask", type="numpy", format="png", interactive=False, elem_id="mask")
-            legend = gr.HTML(elem_id="legend", label="mask legend")
-        rounds = gr.Gallery(label="rounds", columns=3, height=220, elem_id="rounds", format="png")
-        with gr.Row():
-            download_output = gr.DownloadButton("output (JPG)", interactive=False, elem_id="download-output")
-            download_label = gr.DownloadButton("label map (PNG, class indices)", interactive=False,
-                                               elem_id="download-label")
-            download_mask = gr.DownloadButton("coloured mask (PNG)", interactive=False, elem_id="download-mask")
-        info = gr.Markdown(elem_id="info")
-
-        palette.change(choose_class, [palette, size], canvas, queue=False)
-        size.release(choose_class, [palette, size], canvas, queue=False)
-        fill_button.click(fill, [canvas, fill_where, palette], [canvas, canvas_note])
-        layout_button.click(new_layout, None, [canvas, canvas_note])
-        clear_button.click(clear, None, [canvas, canvas_note])
-        label_upload.upload(upload_label, label_upload, [canvas, canvas_note])
-        reference_name.change(show_reference, reference_name, reference_view)
-        go.click(generate, [canvas, reference_name, reference_upload, preset_box, seed, preset_guidance, guidance],
-                 [output, rounds, mask_view, legend, info, download_output, download_label, download_mask],
-                 concurrency_limit=1, concurrency_id="generate")
+        c = layout(studio, preset, first_label)
+        c.palette.change(choose_class, [c.palette, c.size], c.canvas, queue=False)
+        c.size.release(choose_class, [c.palette, c.size], c.canvas, queue=False)
+        c.fill_button.click(fill, [c.canvas, c.fill_where, c.palette], [c.canvas, c.canvas_note])
+        c.layout_button.click(new_layout, None, [c.canvas, c.canvas_note])
+        c.clear_button.click(clear, None, [c.canvas, c.canvas_note])
+        c.label_upload.upload(upload_label, c.label_upload, [c.canvas, c.canvas_note])
+        c.reference_name.change(show_reference, c.reference_name, c.reference_view)
+        c.go.click(generate,
+                   [c.canvas, c.reference_name, c.reference_upload, c.preset_box, c.seed, c.preset_guidance, c.guidance],
+                   [c.output, c.rounds, c.mask_view, c.legend, c.info, c.download_output, c.download_label,
+                    c.download_mask],
+                   concurrency_limit=1, concurrency_id="generate")
     app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     return app
 
