@@ -89,7 +89,31 @@ def pixel_errors(results: Path, ground_truth: Path, names: list[str]) -> tuple[f
     return float(np.mean(mae)), (float(np.mean(finite)) if finite else None), float(np.mean(ssim))
 
 
-def main(argv=None) -> int:
+def copy_masks(jobs, input_path: Path, masks: Path) -> Path:
+    """The chosen masks and their mapping in a folder of their own, so the scorer sees only them."""
+    masks.mkdir(parents=True, exist_ok=True)
+    for stale in masks.glob("*.png"):   # from an earlier run with another --limit
+        stale.unlink()
+    mapping = json.loads((input_path / "label_to_img.json").read_text())
+    for job in jobs:
+        (masks / job.mask_path.name).write_bytes(job.mask_path.read_bytes())
+    chosen = {f"{job.name}.png": mapping[f"{job.name}.png"] for job in jobs}
+    (masks / "label_to_img.json").write_text(json.dumps(chosen, indent=1))
+    return masks
+
+
+def print_table(table: list[dict], with_ground_truth: bool) -> None:
+    """The rows as a Markdown table (SSIM to 3 decimals, the other figures to 2)."""
+    columns = ["row", "unet_passes", "S", "S_corrected", "M"] + (["MAE", "PSNR", "SSIM"] if with_ground_truth else [])
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in table:
+        cells = [row["row"]] + ["-" if row.get(c) is None else (f"{row[c]:.{3 if c == 'SSIM' else 2}f}"
+                                                                 if isinstance(row[c], float) else str(row[c]))
+                                for c in columns[1:]]
+        print("| " + " | ".join(cells) + " |")
+
+
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--ckpt", type=Path, required=True, help="U-Net checkpoint")
     parser.add_argument("--average", type=Path, action="append", default=[],
@@ -110,7 +134,11 @@ def main(argv=None) -> int:
     parser.add_argument("--with_iidm", action="store_true",
                         help="also run the official recipe (DDIM, 1280 U-Net passes per image)")
     jittor_env.add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
 
     from ldm import pipeline
@@ -133,14 +161,7 @@ def main(argv=None) -> int:
     jobs = list_jobs(args.input_path, args.img_path, args.output_path / "_unused")
     jobs = jobs[: args.limit] if args.limit else jobs
     names = [job.name for job in jobs]
-    masks = args.output_path / "masks"   # the chosen masks and their mapping, so the scorer sees only them
-    masks.mkdir(parents=True, exist_ok=True)
-    for stale in masks.glob("*.png"):   # from an earlier run with another --limit
-        stale.unlink()
-    mapping = json.loads((args.input_path / "label_to_img.json").read_text())
-    for job in jobs:
-        (masks / job.mask_path.name).write_bytes(job.mask_path.read_bytes())
-    (masks / "label_to_img.json").write_text(json.dumps({f"{n}.png": mapping[f"{n}.png"] for n in names}, indent=1))
+    masks = copy_masks(jobs, args.input_path, args.output_path / "masks")
 
     table = []
 
@@ -170,16 +191,10 @@ def main(argv=None) -> int:
         seconds = (time.perf_counter() - started) / len(todo) if todo else None
         score(name, folder, pipeline.unet_passes(rounds), seconds)
 
-    (args.output_path / "ablation.json").write_text(json.dumps({"rows": table, "steps": [r.stage.num_steps for r in rows["+ colour transfer"]], "masks": names,
-                                                        "ckpt": str(args.ckpt), "average": [str(p) for p in args.average]},
-                                                       indent=2) + "\n")
-    columns = ["row", "unet_passes", "S", "S_corrected", "M"] + (["MAE", "PSNR", "SSIM"] if args.ground_truth else [])
-    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in table:
-        cells = [row["row"]] + ["-" if row.get(c) is None else (f"{row[c]:.{3 if c == 'SSIM' else 2}f}"
-                                                                 if isinstance(row[c], float) else str(row[c]))
-                                for c in columns[1:]]
-        print("| " + " | ".join(cells) + " |")
+    summary = {"rows": table, "steps": [r.stage.num_steps for r in rows["+ colour transfer"]], "masks": names,
+               "ckpt": str(args.ckpt), "average": [str(p) for p in args.average]}
+    (args.output_path / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_table(table, with_ground_truth=bool(args.ground_truth))
     return 0
 
 

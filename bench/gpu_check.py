@@ -172,6 +172,40 @@ def train_worker(args) -> None:
                     pass
 
 
+def best_time(jt, fn, repeat: int = 2) -> float:
+    """The shortest of ``repeat`` timed calls of ``fn`` after one untimed call (which compiles)."""
+    fn()
+    jt.sync_all(True)
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        jt.sync_all(True)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def generation_costs(jt, unet, masks: np.ndarray, references: np.ndarray, x, encode, decode) -> dict:
+    """Seconds of one guided U-Net call at ``x``, one encode, one decode and the colour transfers
+    of a batch, and from them each preset's projected time (3 rounds: an encode and a decode each,
+    a colour transfer before rounds 1 and 2)."""
+    from ldm.guidance import classifier_free_guidance
+    from synthesis.color_transfer import color_transfer
+
+    with jt.no_grad():
+        t = jt.array(np.full(len(masks), 500, np.int32))
+        guided = classifier_free_guidance(unet, jt.array(masks), 3.5)
+        call = best_time(jt, lambda: guided(x, t).sync())
+    enc = best_time(jt, lambda: encode(references).sync())
+    latent = encode(references)
+    dec = best_time(jt, lambda: decode(latent))
+    transfer = best_time(jt, lambda: [color_transfer(r, r[::-1]) for r in references])
+    # Six decimals: the projections multiply the per-call time by up to 640, so a coarser
+    # rounding would keep the JSON from reproducing its own projected rows.
+    return {"guided_call_seconds": round(call, 6), "encode_seconds": round(enc, 6), "decode_seconds": round(dec, 6),
+            "color_transfer_seconds": round(transfer, 6)}
+
+
 def infer_worker(args) -> None:
     """Per batch: the fast preset run whole (timed), and the costs of one guided U-Net call, one
     encode, one decode and one colour transfer, from which any preset's time is projected."""
@@ -179,7 +213,6 @@ def infer_worker(args) -> None:
     from autoencoder.vqmodel import VQModel, vq_config
     from datasets import one_hot
     from ldm import pipeline
-    from ldm.guidance import classifier_free_guidance
     from ldm.schedule import ScheduleConfig, make_schedule
     from models import UNetModel, unet_preset
     from models.unet import PRESET_DIFFUSION
@@ -204,17 +237,6 @@ def infer_worker(args) -> None:
             image = vq.decode(latent).numpy()
         return np.clip((image + 1.0) * 127.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
-    def timed(fn, repeat=2):
-        fn()                                   # compiles
-        jt.sync_all(True)
-        times = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            fn()
-            jt.sync_all(True)
-            times.append(time.perf_counter() - started)
-        return min(times)
-
     passes = {name: pipeline.unet_passes(pipeline.preset_rounds(name, schedule)) for name in ("fast", "iidm")}
     for batch in [int(b) for b in args.batches.split(",")]:
         if time.time() > args.deadline:
@@ -224,23 +246,13 @@ def infer_worker(args) -> None:
         masks = np.stack([one_hot(label) for label in labels])
         references = rng.integers(0, 256, (batch, height, width, 3)).astype(np.uint8)
         try:
-            with jt.no_grad():
-                x = jt.array(rng.standard_normal((batch, unet.config.in_channels, height // factor,
-                                                  width // factor)).astype(np.float32))
-                t = jt.array(np.full(batch, 500, np.int32))
-                guided = classifier_free_guidance(unet, jt.array(masks), 3.5)
-                call = timed(lambda: guided(x, t).sync())
-            enc = timed(lambda: encode(references).sync())
-            latent = encode(references)
-            dec = timed(lambda: decode(latent))
-            transfer = timed(lambda: [color_transfer(r, r[::-1]) for r in references])
-            # Six decimals: the projections multiply the per-call time by up to 640, so a coarser
-            # rounding would keep the JSON from reproducing its own projected rows.
-            record = {"batch": batch, "status": "ok", "guided_call_seconds": round(call, 6),
-                      "encode_seconds": round(enc, 6), "decode_seconds": round(dec, 6),
-                      "color_transfer_seconds": round(transfer, 6)}
+            x = jt.array(rng.standard_normal((batch, unet.config.in_channels, height // factor,
+                                              width // factor)).astype(np.float32))
+            costs = generation_costs(jt, unet, masks, references, x, encode, decode)
+            record = {"batch": batch, "status": "ok", **costs}
+            call, enc, dec, transfer = (costs[k] for k in ("guided_call_seconds", "encode_seconds", "decode_seconds",
+                                                           "color_transfer_seconds"))
             for name, count in passes.items():
-                # 3 rounds: an encode and a decode each, a colour transfer before rounds 1 and 2.
                 record[f"{name}_projected_seconds"] = round(count // 2 * call + 3 * (enc + dec) + 2 * transfer, 3)
             if time.time() + 2 * record["fast_projected_seconds"] < args.deadline:
                 seeds = [pipeline.image_seed(0, str(i)) for i in range(batch)]
