@@ -1,6 +1,6 @@
 """Peak resident memory of a U-Net forward without gradients, Jittor against PyTorch (CPU).
 
-    python -m bench.bench_memory --torch-python ~/.venvs/torch/bin/python --sdm-path /tmp/sdm
+    python -m bench.bench_memory --torch_python ~/.venvs/torch/bin/python --sdm_path /tmp/sdm
     python -m bench.bench_memory --variants "default;use_sfrl_allocator=0"     # Jittor only
 
 The ``iidm`` preset with model_channels 128 at a 48x64 latent, batch 2 (``--size``, ``--batch``).
@@ -10,7 +10,7 @@ and synced, and the peak (VmHWM) over the forwards alone (the mark is reset just
 through ``/proc/self/clear_refs``), with the seconds of the last forward. For Jittor also the peak
 of its live variables (``jt.get_max_memory_info`` with ``profile_memory_enable``) and what its
 allocator holds after the forwards. PyTorch runs SDM's own ``UNetModel`` (built as
-``bench.bench_ops.sdm_unet``) in ``--torch-python`` (never a dependency of this project).
+``bench.bench_ops.sdm_unet``) in ``--torch_python`` (never a dependency of this project).
 
 A Jittor variant is a list of ``NAME=VALUE`` settings separated by commas, ``;`` between variants:
 names of ``jt.flags`` are set after import, other names (``IIDM_*``) in the environment.
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     if args.torch_python and not args.sdm_path:
-        parser.error("--sdm-path is needed with --torch-python")
+        parser.error("--sdm_path is needed with --torch_python")
 
     rows = []
     for settings in parse_variants(args.variants):

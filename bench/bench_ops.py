@@ -1,8 +1,8 @@
 """CPU kernels against Jittor's plain ops and PyTorch: per-op times and full U-Net steps.
 
     python -m bench.bench_ops                                        # Jittor: kernels vs reference
-    python -m bench.bench_ops --torch-python /tmp/torchenv/bin/python --sdm-path /tmp/sdm
-    python -m bench.bench_ops --ops-only --repeats 30 --json ops.json
+    python -m bench.bench_ops --torch_python /tmp/torchenv/bin/python --sdm_path /tmp/sdm
+    python -m bench.bench_ops --ops_only --repeats 30 --json ops.json
 
 Ops (group norm with 32 groups and its fused forms, SiLU, legacy attention, 3x3 and 1x1
 convolutions, and, for context, a 1024^3 matmul, which is oneDNN in both frameworks) are timed forward
@@ -13,12 +13,12 @@ with respect to every input, written the same way in both frameworks.
 U-Net steps for the presets (``tiny``, ``demo``): a training step (forward, MSE loss, gradients
 of every parameter; no optimizer) and a sampling step (one forward without gradients). PyTorch
 runs SDM's own ``UNetModel`` (``guided_diffusion/`` of WeilunWang/semantic-diffusion-model, at
-``--sdm-path``; not part of this repository) built with the preset's widths; it loads the Jittor
+``--sdm_path``; not part of this repository) built with the preset's widths; it loads the Jittor
 model's weights (the parameter names are SDM's) and its output is checked against Jittor's before
 anything is timed. FLOPs count 2 per multiply-add of convolutions, linear layers and attention
 matmuls (``bench_unet.count_flops``); a training step counts as 3 forwards.
 
-The PyTorch half runs in a subprocess with ``--torch-python`` (a separate environment holding
+The PyTorch half runs in a subprocess with ``--torch_python`` (a separate environment holding
 torch; never a dependency of this project), with the same thread count (OMP_NUM_THREADS and
 ``torch.set_num_threads``). Times are medians (and minima) over ``--repeats`` rounds after
 warm-up; each round runs Jittor's paths and PyTorch in turn, an op as a burst of back-to-back
@@ -256,7 +256,7 @@ def jittor_unet_steps(jt, preset: str, mode: str, batch: int, exchange: Path):
 
 
 # ----------------------------------------------------------------------------------- PyTorch
-# The worker runs in the --torch-python interpreter and imports nothing from this project. It
+# The worker runs in the --torch_python interpreter and imports none of the Jittor code. It
 # answers one JSON command per line on stdin with one "RESULT {...}" line on stdout.
 
 
@@ -569,7 +569,7 @@ def main(argv=None) -> int:
         torch_worker(args.torch_worker)
         return 0
     if args.torch_python and not args.ops_only and not args.sdm_path:
-        parser.error("--sdm-path is needed for the PyTorch U-Net (or pass --ops-only)")
+        parser.error("--sdm_path is needed for the PyTorch U-Net (or pass --ops_only)")
     # Jittor's kernels and oneDNN read the OpenMP thread count when they start.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
 

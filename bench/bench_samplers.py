@@ -3,7 +3,7 @@ the analytic oracle (bench/oracle.py), the measurements the solver presets were 
 ldm.samplers; the variants it does not carry: bench/solver_variants.py), and the wall time per
 step of each sampler around a tiny stand-in network.
 
-    python -m bench.bench_samplers [--selection] [--skip-accuracy] [--skip-timing]
+    python -m bench.bench_samplers [--selection] [--skip_accuracy] [--skip_timing]
                                    [--batch 2] [--height 96] [--width 128] [--steps 20] [--cpu]
 
 Passes count per image: with classifier-free guidance each step evaluates the network on the

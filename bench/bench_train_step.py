@@ -1,6 +1,6 @@
 """Full training step (optimizer and EMA included) and sampling step against PyTorch.
 
-    python -m bench.bench_train_step --torch-python ~/.venvs/torch/bin/python --sdm-path /tmp/sdm
+    python -m bench.bench_train_step --torch_python ~/.venvs/torch/bin/python --sdm_path /tmp/sdm
     python -m bench.bench_train_step --sizes tiny,demo --batches 2,4 --repeats 5 ...
     python -m bench.bench_train_step --optimizer jittor ...     # Jittor's own AdamW + per-tensor EMA
 
@@ -8,7 +8,7 @@ A training step is forward, MSE loss against a fixed target, gradients of every 
 AdamW update (lr 1e-4, weight decay 0.01) and the EMA (decay 0.9999) of the weights. Jittor runs the
 project's U-Net with ``training.optim.FusedAdamW`` and the EMA fused into its kernels (or, with
 ``--optimizer jittor``, ``jt.optim.AdamW`` and ``ldm.ema.EMA.update``). PyTorch runs SDM's own
-``UNetModel`` (``guided_diffusion/`` of WeilunWang/semantic-diffusion-model at ``--sdm-path``, built
+``UNetModel`` (``guided_diffusion/`` of WeilunWang/semantic-diffusion-model at ``--sdm_path``, built
 as ``bench.bench_ops.sdm_unet`` does, loading the Jittor model's weights by name, strict) with
 ``torch.optim.AdamW(foreach=True)`` (the multi-tensor path) and the EMA as ``torch._foreach_lerp_``.
 A sampling step is one forward without gradients.
@@ -17,7 +17,7 @@ Sizes: ``tiny`` and ``demo`` are the presets at their latent sizes; ``m64`` and 
 ``iidm`` preset with model_channels 64 at 32x48 (its five levels need sides divisible by 16) and 128 at
 48x64. Times are medians over ``--repeats`` rounds after ``--warmup`` steps; each round runs Jittor
 then PyTorch (so load changes hit both). The PyTorch half runs in a subprocess of
-``--torch-python`` (torch is never a dependency of this project) with the same thread count. On a
+``--torch_python`` (torch is never a dependency of this project) with the same thread count. On a
 CUDA machine Jittor runs on the GPU, and PyTorch too when its build sees one.
 """
 
@@ -154,7 +154,7 @@ def torch_worker(threads: int) -> None:
 
 
 def start_torch_worker(python: str, threads: int, sdm_path: str, cuda: bool):
-    """This script's PyTorch half (``--torch-worker``) in ``python`` with ``threads`` threads."""
+    """This script's PyTorch half (``--torch_worker``) in ``python`` with ``threads`` threads."""
     from bench.bench_ops import WorkerProcess, module_command, worker_env
 
     return WorkerProcess(module_command(python, "bench.bench_train_step", "--torch_worker", str(threads)),

@@ -1,7 +1,7 @@
 """U-Net benchmark: time per step, achieved GFLOP/s and peak memory for the U-Net presets.
 
     python -m bench.bench_unet                                   # tiny and demo, batch 1 and 4
-    python -m bench.bench_unet --presets iidm --batches 1 --forward-only
+    python -m bench.bench_unet --presets iidm --batches 1 --forward_only
     python -m bench.bench_unet --precisions fp32,fp16            # on a CUDA machine
     IIDM_KERNELS=0 python -m bench.bench_unet                    # CPU: plain Jittor ops, no kernels
 
