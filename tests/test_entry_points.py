@@ -1,5 +1,7 @@
 """Entry points are thin `main(argv)` functions; until a model exists infer.py says so plainly."""
 
+import pytest
+
 import infer
 
 
@@ -16,8 +18,6 @@ def test_infer_names_a_missing_checkpoint(tmp_path, capsys):
     assert status == 1
     assert "nope.safetensors" in capsys.readouterr().err
 
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("stage, options, message", [

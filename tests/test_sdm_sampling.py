@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 
 import jittor_env
+from ldm.diffusion import p_mean_variance
+from ldm.guidance import classifier_free_guidance
+from ldm.samplers import ddpm_step
+from ldm.schedule import ScheduleConfig, make_schedule
 
 jt = jittor_env.setup(force_cpu=True)
-
-from ldm.diffusion import p_mean_variance  # noqa: E402
-from ldm.guidance import classifier_free_guidance  # noqa: E402
-from ldm.samplers import ddpm_step  # noqa: E402
-from ldm.schedule import ScheduleConfig, make_schedule  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["cityscapes", "ade20k", "celeba", "coco"])
