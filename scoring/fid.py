@@ -53,7 +53,6 @@ log = logging.getLogger("iidm.fid")
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
-FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # Names in the pytorch-fid file that pool3 features do not use.
 UNUSED_PREFIXES = ("fc.",)
 UNUSED_SUFFIXES = ("num_batches_tracked",)

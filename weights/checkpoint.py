@@ -45,7 +45,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -407,7 +407,3 @@ def weights_of(arrays: Mapping[str, np.ndarray], info: Mapping[str, Any],
 def prefixed(prefix: str, arrays: Mapping[str, Any]) -> dict[str, Any]:
     """``arrays`` with every name prefixed (a training checkpoint's ``model/``, ``ema/``, ...)."""
     return {prefix + name: value for name, value in arrays.items()}
-
-
-def names_under(prefix: str, names: Iterable[str]) -> list[str]:
-    return [name[len(prefix):] for name in names if name.startswith(prefix)]
