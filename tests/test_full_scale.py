@@ -1,6 +1,7 @@
 """Full scale on the CPU: ``infer.py`` on one 512x384 mask with the 501.5 M-parameter ``iidm``
 U-Net and the ``vq-f4`` autoencoder (random weights), through the three rounds of the ``fast``
-preset at 2 solver steps each. Slow (10-13 minutes and 5.8 GiB peak on a busy 2-core machine):
+preset at 2 solver steps each. Slow (2 minutes and 5.8 GiB peak on a quiet 2-core machine once
+Jittor's kernels for it are compiled; longer on the first run, which compiles them):
 
     python -m pytest -m slow tests/test_full_scale.py -s
 
