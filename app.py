@@ -42,7 +42,7 @@ MAX_UPLOAD = "20mb"         # larger files are refused by the server before they
 CANVAS = (384, 512)         # (height, width) of a new canvas: the challenge's size
 QUEUE_SIZE = 32             # requests waiting beyond this are told the queue is full
 KEEP_RESULTS = 8            # result folders kept on disk (the browser has its own copies)
-FAILED, USAGE = 1, 2
+FAILED = 1
 
 
 def build_parser() -> cli.ArgumentParser:

@@ -35,7 +35,7 @@ from pathlib import Path
 import cli
 import jittor_env
 
-USAGE, FAILED = 2, 1
+FAILED = 1
 DATASETS = ("cityscapes", "ade20k", "celeba", "coco", "landscape")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "unipc")
 DEMO_MASKS = 4

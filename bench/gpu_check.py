@@ -2,7 +2,7 @@
 (``bench/gpu_check.sh`` wraps this), in under 8 minutes on one H100/H200-class GPU.
 
     bench/gpu_check.sh                          # or: python -m bench.gpu_check
-    bench/gpu_check.sh --dry-run                # the CPU at tiny sizes (CI): every step up to the device
+    bench/gpu_check.sh --dry_run                # the CPU at tiny sizes (CI): every step up to the device
     python -m bench.gpu_check --budget_s 900    # more time for the batch ramps
 
 Steps, each bounded by its share of ``--budget_s`` (what a deadline cuts is reported as such):
@@ -319,7 +319,7 @@ def device_section(dry_run: bool) -> dict:
     for problem in problems:
         print(f"  CUDA problem: {problem}", flush=True)
     if not dry_run and not choice.use_cuda:
-        info["error"] = (f"no usable GPU ({choice.reason}); run with --dry-run to check the script on the CPU, "
+        info["error"] = (f"no usable GPU ({choice.reason}); run with --dry_run to check the script on the CPU, "
                          "or fix the above (nvcc_path, the driver)")
         return info
     done = subprocess.run([sys.executable, "-m", "jittor_env", *(["--cpu"] if dry_run else [])], cwd=REPO,

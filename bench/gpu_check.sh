@@ -4,7 +4,7 @@
 # outputs/gpu_check/gpu_check.json and gpu_check.md (rows for docs/benchmarks.md).
 #
 #   bench/gpu_check.sh                  # the device line, pytest -m cuda, training ramps, generation rates
-#   bench/gpu_check.sh --dry-run        # the same steps on the CPU at tiny sizes (what CI runs)
+#   bench/gpu_check.sh --dry_run        # the same steps on the CPU at tiny sizes (what CI runs)
 #   PYTHON=/path/to/python bench/gpu_check.sh --budget_s 900
 #
 # Options are bench/gpu_check.py's (--help). Exit status 0 when everything ran and passed.

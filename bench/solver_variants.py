@@ -145,7 +145,7 @@ def _two_stage(data, abar, x, t, t_next, x0):
     lam_all = _lambda(abar)
     target = 0.5 * (lam_all[t] + lam_all[t_next])
     mid = int(round(float(np.interp(target, lam_all[::-1], np.arange(len(abar))[::-1].astype(float)))))
-    a, s = math.sqrt(abar[t]), math.sqrt(1.0 - abar[t])
+    s = math.sqrt(1.0 - abar[t])
     a_m, s_m = math.sqrt(abar[mid]), math.sqrt(1.0 - abar[mid])
     a_1, s_1 = math.sqrt(abar[t_next]), math.sqrt(1.0 - abar[t_next])
     h = lam_all[t_next] - lam_all[t]

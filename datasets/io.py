@@ -26,7 +26,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LABEL_MODES = ("L", "P")  # 8-bit grey; palette PNGs store the class index as the pixel value
 
 
-def _open(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
@@ -40,7 +40,7 @@ def _open(path: Path) -> Image.Image:
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Photo -> RGB uint8 [H, W, 3]. Greyscale and other modes are converted, with a log line."""
     path = Path(path)
-    image = _open(path)
+    image = open_image(path)
     if image.mode != "RGB":
         kind = "greyscale" if image.mode in ("L", "LA", "1", "I", "I;16", "F") else image.mode
         log.info("%s: %s photo converted to RGB", path, kind)
@@ -51,7 +51,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 def load_label(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Label map -> uint8 [H, W] of class indices, validated to lie in 0..num_classes-1."""
     path = Path(path)
-    image = _open(path)
+    image = open_image(path)
     if image.mode not in LABEL_MODES:
         raise DataError(
             f"{path}: a label map must be an 8-bit greyscale PNG (mode L) holding class indices "

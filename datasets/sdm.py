@@ -49,7 +49,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from datasets.io import _open, load_image
+from datasets.io import open_image, load_image
 from datasets.labels import DataError, one_hot, validate_label
 from datasets.transforms import resize_image, resize_label
 
@@ -148,7 +148,7 @@ def sdm_mask(label: np.ndarray, instance: np.ndarray | None, dataset: SDMDataset
 def read_stored_label(path: str | os.PathLike) -> np.ndarray:
     """An 8-bit label PNG (mode L or P) as stored, uint8 [H, W]."""
     path = Path(path)
-    image = _open(path)
+    image = open_image(path)
     if image.mode not in ("L", "P"):
         raise DataError(f"{path}: a label map must be an 8-bit greyscale or palette PNG holding "
                         f"class values, got mode {image.mode}")
@@ -167,7 +167,7 @@ def read_instance(path: str | os.PathLike, bits: int = 8) -> np.ndarray:
     if bits not in (8, 32):
         raise ValueError(f"instance bits must be 8 (SDM's reader) or 32, got {bits}")
     path = Path(path)
-    image = _open(path)
+    image = open_image(path)
     if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise DataError(f"{path}: an instance map must be a greyscale integer PNG, got mode {image.mode}")
     if bits == 8:

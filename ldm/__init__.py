@@ -1,4 +1,4 @@
-"""Latent diffusion: noise schedule, losses, guidance, samplers, EMA, checkpoints, training loop
+"""Latent diffusion: noise schedule, losses, guidance, samplers, EMA, the diffusion training task
 and inference stages. Receives networks as arguments; imports no network class."""
 
 from importlib import import_module

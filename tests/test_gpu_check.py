@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh --dry-run: the GPU check's every step on the CPU at tiny sizes (device line,
+"""bench/gpu_check.sh --dry_run: the GPU check's every step on the CPU at tiny sizes (device line,
 pytest -m cuda, training ramps, generation rates), and the JSON and markdown rows it writes."""
 
 import json
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
-    done = subprocess.run([str(REPO / "bench" / "gpu_check.sh"), "--dry-run", "--output_path", str(out),
+    done = subprocess.run([str(REPO / "bench" / "gpu_check.sh"), "--dry_run", "--output_path", str(out),
                            "--budget_s", "900"], capture_output=True, text=True, timeout=1500,
                           env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -89,5 +89,5 @@ def test_without_a_gpu_the_real_run_says_so(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--output_path", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "IIDM_FORCE_CPU": "1"})
     assert done.returncode == 1
-    assert "no usable GPU" in done.stderr and "--dry-run" in done.stderr
+    assert "no usable GPU" in done.stderr and "--dry_run" in done.stderr
     assert "error" in json.loads((tmp_path / "gpu_check.json").read_text())["device"]

@@ -1,7 +1,6 @@
 """Environment preparation: device detection with a faked driver, the variables Jittor reads,
 a real import on this machine (nvcc on PATH, no GPU), and the numpy<2 round-trip trap."""
 
-import ctypes
 import os
 import subprocess
 import sys

@@ -30,7 +30,6 @@ Adding a kind: one ``Kind`` entry in KINDS.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+import cli
 import jittor_env
 from weights.checkpoint import WeightsError, check_diffusion, config_from_dict, save_checkpoint
 from weights.foreign import Selection, open_weights, select_weights
@@ -278,8 +278,8 @@ class StoredArray:
         return np.asarray(self.value).astype(self.dtype, copy=False)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("input", help="weights to read (.ckpt, .pt, .pth, .pkl, .safetensors)")
     parser.add_argument("output", help="checkpoint to write (.safetensors)")
     parser.add_argument("--kind", choices=sorted(KINDS),

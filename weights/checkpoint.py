@@ -403,7 +403,3 @@ def weights_of(arrays: Mapping[str, np.ndarray], info: Mapping[str, Any],
         raise WeightsError(f"{source}: training checkpoint of kind {kind!r} holds no {which!r} weights")
     return weights, kind[: -len(TRAIN_SUFFIX)]
 
-
-def prefixed(prefix: str, arrays: Mapping[str, Any]) -> dict[str, Any]:
-    """``arrays`` with every name prefixed (a training checkpoint's ``model/``, ``ema/``, ...)."""
-    return {prefix + name: value for name, value in arrays.items()}
