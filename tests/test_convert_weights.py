@@ -393,7 +393,7 @@ def test_a_zip_member_inflating_past_its_storage_is_refused_uninflated(jt, tmp_p
             for _ in range(256):
                 member.write(block)
     assert source.stat().st_size < 1 << 20
-    message = (f"bomb.pt: zip member archive/data/{bomb} inflates to 268435456 bytes but its storage needs 768; "
+    message = (f"bomb.pt: zip member archive/data/{bomb} inflates to 268435456 bytes but its tensors need 768; "
                "refused without inflating it")
     arrays, _ = open_weights(source)
     with pytest.raises(WeightsError, match=message):
@@ -455,3 +455,43 @@ def test_real_size_iidm_unet_converts_within_one_and_a_half_outputs(tmp_path):
         print(f"iidm {dtype}: input {source.stat().st_size / 2 ** 20:.0f} MiB, output {out_mib:.0f} MiB, "
               f"peak RSS growth {growth_mib:.0f} MiB ({growth_mib / out_mib:.2f}x the output)")
         assert growth_mib <= 1.5 * out_mib
+
+
+def test_a_huge_declared_storage_does_not_license_a_huge_member(tmp_path):
+    """The pickle declares a 64 Mi-element storage under a 64 x 3 tensor, and the storage's deflate
+    member inflates to 256 MiB: the member is measured against what the tensor reaches (768
+    bytes), not the declared storage, so it is refused without being inflated."""
+    from weights.foreign import open_weights
+
+    buffer = io.BytesIO()
+    SizedPickler(buffer, protocol=2).dump({"w": FakeTensor(SizedStorage("0", 64 << 20), 0, (64, 3), (3, 1))})
+    source = tmp_path / "declared.pt"
+    with zipfile.ZipFile(source, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/byteorder", "little")
+    with zipfile.ZipFile(source, "a", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/data/0", "w", force_zip64=True) as member:
+            for _ in range(256):
+                member.write(bytes(1 << 20))
+    assert source.stat().st_size < 1 << 20
+    arrays, _ = open_weights(source)
+    with pytest.raises(WeightsError, match="inflates to 268435456 bytes but its tensors need 768; refused"):
+        arrays["w"].numpy()
+
+
+def test_a_stored_member_is_read_only_as_far_as_its_tensors_reach(tmp_path):
+    """A tensor on part of a larger (stored, uncompressed) storage reads its own elements right:
+    the storage is read up to the furthest element, with an offset and a transposing stride."""
+    from weights.foreign import open_weights
+
+    values = np.arange(40, dtype=np.float32)
+    buffer = io.BytesIO()
+    SizedPickler(buffer, protocol=2).dump({"t": FakeTensor(SizedStorage("0", 40), 5, (3, 4), (1, 3))})
+    source = tmp_path / "view.pt"
+    with zipfile.ZipFile(source, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/byteorder", "little")
+        archive.writestr("archive/data/0", values.tobytes())
+    arrays, _ = open_weights(source)
+    expected = np.lib.stride_tricks.as_strided(values[5:], shape=(3, 4), strides=(4, 12))
+    np.testing.assert_array_equal(arrays["t"].numpy(), expected)

@@ -536,12 +536,13 @@ class _StorageTensor(LazyArray):
 class _ZipStorages:
     """Raw storages ``PREFIX/data/KEY`` of a PyTorch zip checkpoint, read one at a time on request.
 
-    A member is read up to the bytes its storage needs (numel x element size, as the pickle
-    declares it) and no further: a compressed member that would inflate past that is refused
-    before anything is inflated, so a small file cannot claim gigabytes of memory."""
+    A member is read up to the bytes its tensors need (the furthest element any tensor of the
+    object tree reaches, never more than the storage size the pickle declares) and no further: a
+    compressed member that would inflate past that is refused before anything is inflated, so a
+    small file cannot claim gigabytes of memory by declaring a huge storage."""
 
-    def __init__(self, archive: zipfile.ZipFile, prefix: str, source: str):
-        self.archive, self.prefix, self.source = archive, prefix, source
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, source: str, reach: Mapping[str, int]):
+        self.archive, self.prefix, self.source, self.reach = archive, prefix, source, reach
         order = "little"
         if f"{prefix}byteorder" in archive.namelist():
             order = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
@@ -555,17 +556,19 @@ class _ZipStorages:
             member = self.archive.getinfo(name)
         except KeyError:
             raise WeightsError(f"{self.source}: storage {name} is missing from the archive") from None
-        need = ref.numel * ref.dtype.itemsize
-        if member.file_size < need:
-            raise WeightsError(f"{self.source}: storage {name} holds {member.file_size} bytes, needs {need}")
+        if member.file_size < ref.numel * ref.dtype.itemsize:
+            raise WeightsError(f"{self.source}: storage {name} holds {member.file_size} bytes, needs "
+                               f"{ref.numel * ref.dtype.itemsize}")
+        count = min(ref.numel, self.reach.get(ref.key, ref.numel))
+        need = count * ref.dtype.itemsize
         if member.compress_type != zipfile.ZIP_STORED and member.file_size > need:
             raise WeightsError(f"{self.source}: zip member {name} inflates to {member.file_size} bytes but its "
-                               f"storage needs {need}; refused without inflating it (a corrupt or hostile file)")
+                               f"tensors need {need}; refused without inflating it (a corrupt or hostile file)")
         with self.archive.open(member) as stream:
             raw = stream.read(need)
         if len(raw) != need:
             raise WeightsError(f"{self.source}: storage {name} is cut short ({len(raw)} of {need} bytes)")
-        return _decode_storage(raw, ref, self.order)
+        return _decode_storage(raw, ref, self.order, count)
 
 
 class _LegacyStorages:
@@ -604,15 +607,16 @@ class _LegacyStorages:
         return _decode_storage(raw, ref, self.order)
 
 
-def _decode_storage(raw: bytes, ref: _StorageRef, order: str) -> np.ndarray:
-    """A storage's elements as native-order numpy (a read-only view of ``raw`` when no conversion
-    is needed: the tensor is copied out of it next)."""
-    if len(raw) != ref.numel * ref.dtype.itemsize:
-        raise WeightsError(f"storage {ref.key} holds {len(raw)} bytes, needs {ref.numel * ref.dtype.itemsize}")
+def _decode_storage(raw: bytes, ref: _StorageRef, order: str, count: int | None = None) -> np.ndarray:
+    """The first ``count`` (default: all) elements of a storage as native-order numpy (a read-only
+    view of ``raw`` when no conversion is needed: the tensor is copied out of it next)."""
+    count = ref.numel if count is None else count
+    if len(raw) != count * ref.dtype.itemsize:
+        raise WeightsError(f"storage {ref.key} holds {len(raw)} bytes, needs {count * ref.dtype.itemsize}")
     if ref.dtype.name == "bfloat16":
-        return _from_bfloat16(np.frombuffer(raw, dtype=np.dtype("u2").newbyteorder(order), count=ref.numel))
+        return _from_bfloat16(np.frombuffer(raw, dtype=np.dtype("u2").newbyteorder(order), count=count))
     dtype = np.dtype(ref.dtype.name).newbyteorder(order)
-    values = np.frombuffer(raw, dtype=dtype, count=ref.numel)
+    values = np.frombuffer(raw, dtype=dtype, count=count)
     return values if dtype.isnative else values.astype(dtype.newbyteorder("="))
 
 
@@ -660,7 +664,25 @@ def _read_torch_zip(path: Path, strict: bool):
                            f"checkpoint's object tree is far smaller (limit {MAX_OBJECT_PICKLE} bytes)")
     prefix = pickles[0][: -len("data.pkl")]
     obj, unpickler = _load_one(io.BytesIO(archive.read(member)), str(path), strict, torch_storages=True)
-    return obj, unpickler.refused, _ZipStorages(archive, prefix, str(path))
+    return obj, unpickler.refused, _ZipStorages(archive, prefix, str(path), _storage_reach(obj))
+
+
+def _storage_reach(obj) -> dict[str, int]:
+    """For each storage key, how many of its elements the tensors in ``obj`` reach (the furthest
+    element any of them uses, plus one)."""
+    reach: dict[str, int] = {}
+    pending = [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, _TensorRef):
+            last = item.offset + sum((n - 1) * s for n, s in zip(item.size, item.stride)) + 1
+            used = last if math.prod(item.size) > 0 else 0
+            reach[item.storage.key] = max(reach.get(item.storage.key, 0), used)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return reach
 
 
 def _jittor_body(path: Path) -> int | None:
