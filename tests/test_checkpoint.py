@@ -224,3 +224,22 @@ def test_saving_adds_little_to_peak_memory(tmp_path):
     from safetensors import safe_open
     with safe_open(str(out), framework="np") as f:
         assert f.get_tensor("w3")[63, 1023, 1023] == 3
+
+
+def test_an_older_file_lacking_a_field_is_re_exported_as_its_message_says(jt, tmp_path, capsys):
+    """A version-1 U-Net export whose config predates a field: loading it names the field and the
+    converter's --preset / --config; running that conversion fills the field in, and the result
+    loads with the file's own diffusion settings."""
+    from models import UNetModel, unet_preset
+    from models.unet import load_unet
+    from tools.convert_weights import main as convert
+
+    config = unet_preset("tiny").to_dict()
+    old = write_v1(tmp_path / "old.safetensors", "unet",
+                   {"unet": {k: v for k, v in config.items() if k != "use_fp16"}, "schedule": LINEAR,
+                    "latent_scale": 2.19}, module_arrays(UNetModel(unet_preset("tiny"))))
+    with pytest.raises(WeightsError, match="lacks the field.* use_fp16.*--config FILE.*--preset NAME"):
+        load_unet(old)
+    assert convert([str(old), str(tmp_path / "new.safetensors"), "--kind", "unet", "--preset", "tiny"]) == 0
+    checkpoint = load_checkpoint(tmp_path / "new.safetensors", "unet")
+    assert checkpoint.network == config and checkpoint.diffusion["latent_scale"] == 2.19

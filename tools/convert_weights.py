@@ -160,13 +160,18 @@ def choose_network(kind_name: str, args, upstream: UpstreamConfig | None,
     preset alone may describe a foreign file only if it keeps what upstream code fixes."""
     kind = KINDS[kind_name]
 
-    def complete(network: Mapping[str, Any], source: str) -> dict[str, Any]:
-        return config_from_dict(kind.config_class(), network, complete=True, source=source).to_dict()
+    def complete(network: Mapping[str, Any], source: str, hint: str = "") -> dict[str, Any]:
+        return config_from_dict(kind.config_class(), network, complete=True, source=source, hint=hint).to_dict()
 
     preset = kind.config_from_preset(args.preset).to_dict() if args.preset else None
     stated = []
     if stored is not None and isinstance(stored.get("config", {}).get("network"), Mapping):
-        stated.append(("the input's own config", complete(stored["config"]["network"], args.input)))
+        own = dict(stored["config"]["network"])
+        given = upstream.network if upstream is not None else preset
+        if given is not None:   # an older file may lack fields: --config / --preset supply them
+            own = {**{k: v for k, v in given.items() if k not in own}, **own}
+        stated.append(("the input's own config", complete(
+            own, args.input, hint="give the architecture with --config FILE (or --preset NAME) to fill them in")))
     if preset is not None:
         stated.append((f"--preset {args.preset}", preset))
     if upstream is not None:
