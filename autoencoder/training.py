@@ -132,20 +132,19 @@ def _trainable(module) -> list[tuple[str, jt.Var]]:
     return [(name, var) for name, var in module.named_parameters() if not var.is_stop_grad()]
 
 
-def _finite_update(optimizer, loss: jt.Var) -> tuple[float, bool]:
-    """Backward ``loss`` into ``optimizer`` and update only when the loss and every gradient are
-    finite; returns (loss value, updated)."""
+def _finite_gradients(optimizer, loss: jt.Var) -> bool:
+    """Backward ``loss`` into ``optimizer`` (no update yet); whether the loss and every gradient
+    are finite."""
     optimizer.backward(loss)
     grads = optimizer.param_groups[0]["grads"]
     sq = sum((g * g).sum() for g in grads)
     jt.sync([loss, sq])
-    value = float(loss.item())
-    if np.isfinite(value) and np.isfinite(float(sq.item())):
-        optimizer.step()
-        return value, True
+    return bool(np.isfinite(float(loss.item())) and np.isfinite(float(sq.item())))
+
+
+def _discard_gradients(optimizer) -> None:
     optimizer.n_step -= 1     # backward counted a step that is not taken
     optimizer.zero_grad()
-    return value, False
 
 
 # ------------------------------------------------------------------------------ the task
@@ -220,11 +219,18 @@ class AutoencoderTask(Task):
         if not update:
             jt.sync([g_total])
             return {} if np.isfinite(float(g_total.item())) else {"skipped": NON_FINITE}
-        _, updated = _finite_update(self.opt_ae, g_total)
+        # Both networks' losses and gradients are checked before either is updated: a skipped step
+        # changes no weight, the autoencoder's included.
+        updated, optimizers = _finite_gradients(self.opt_ae, g_total), [self.opt_ae]
         if updated and self.loss.disc_factor(step) > 0:
             d_total, d_terms = self.loss.discriminator_loss(x, reconstructions, step)
-            _, updated = _finite_update(self.opt_disc, d_total)
+            updated, optimizers = _finite_gradients(self.opt_disc, d_total), optimizers + [self.opt_disc]
             terms.update(d_terms)
+        for optimizer in optimizers:
+            if updated:
+                optimizer.step()
+            else:
+                _discard_gradients(optimizer)
         values = _values(terms, [reconstructions] + ([codes] if self.usage is not None else []))
         if not updated:
             values["skipped"] = NON_FINITE

@@ -340,3 +340,34 @@ def test_resume_is_bit_exact_discriminator_statistics_included(jt, tmp_path):
     assert whole.keys() == split.keys() and any(k.startswith("disc/") and "running_mean" in k for k in whole)
     for name in whole:
         np.testing.assert_array_equal(split[name], whole[name], err_msg=name)
+
+
+def test_a_non_finite_discriminator_loss_skips_the_whole_step(jt, monkeypatch):
+    """The discriminator's loss comes after the autoencoder's gradients; when it is not finite the
+    step is skipped and neither network changes (the autoencoder was updated before it, once)."""
+    from autoencoder.losses import LossConfig
+    from autoencoder.training import AutoencoderTask, AutoencoderTrainConfig
+    from autoencoder.vqmodel import vq_config
+    from weights.checkpoint import module_arrays
+
+    rng = np.random.default_rng(0)
+    photos = [rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(4)]
+    task = AutoencoderTask(photos, vq_config("tiny"), LossConfig(disc_start=0),
+                           AutoencoderTrainConfig(height=24, width=32, batch_size=2, lr=1e-3, seed=0))
+    task.step(0)                                   # a finite step: both networks move
+    before = {**module_arrays(task.model), **{f"disc/{k}": v for k, v in module_arrays(task.loss.discriminator).items()}}
+    real = task.loss.discriminator_loss
+
+    def nan_loss(*args):
+        total, terms = real(*args)
+        return total * float("nan"), terms
+
+    monkeypatch.setattr(task.loss, "discriminator_loss", nan_loss)
+    values = task.step(1)
+    assert values["skipped"] == "non_finite"
+    after = {**module_arrays(task.model), **{f"disc/{k}": v for k, v in module_arrays(task.loss.discriminator).items()}}
+    changed = [k for k in before if "running" not in k and "num_batches" not in k
+               and not np.array_equal(before[k], after[k])]
+    assert not changed, changed[:5]
+    monkeypatch.setattr(task.loss, "discriminator_loss", real)
+    assert "skipped" not in task.step(2)
