@@ -50,7 +50,7 @@ from autoencoder.vqmodel import KIND, TRAINING_PREFIX, VQConfig, VQModel, vq_con
 from datasets import TrainingSet, save_image
 from training.loop import (NON_FINITE, LoopConfig, Task, batch_indices, checkpoint_to_resume, materialize, run,
                            seed_everything, step_rng)
-from training.optim import FusedAdam
+from training.optim import FusedAdam, discard_gradients, finite_gradients
 from training.state import adam_state, load_adam_state, to_uint8
 from weights.checkpoint import WeightsError, load_checkpoint, load_weights
 
@@ -132,21 +132,6 @@ def _trainable(module) -> list[tuple[str, jt.Var]]:
     return [(name, var) for name, var in module.named_parameters() if not var.is_stop_grad()]
 
 
-def _finite_gradients(optimizer, loss: jt.Var) -> bool:
-    """Backward ``loss`` into ``optimizer`` (no update yet); whether the loss and every gradient
-    are finite."""
-    optimizer.backward(loss)
-    grads = optimizer.param_groups[0]["grads"]
-    sq = sum((g * g).sum() for g in grads)
-    jt.sync([loss, sq])
-    return bool(np.isfinite(float(loss.item())) and np.isfinite(float(sq.item())))
-
-
-def _discard_gradients(optimizer) -> None:
-    optimizer.n_step -= 1     # backward counted a step that is not taken
-    optimizer.zero_grad()
-
-
 # ------------------------------------------------------------------------------ the task
 class AutoencoderTask(Task):
     """The VQ model, the loss with its discriminator, two Adams and the codebook usage counts."""
@@ -221,16 +206,16 @@ class AutoencoderTask(Task):
             return {} if np.isfinite(float(g_total.item())) else {"skipped": NON_FINITE}
         # Both networks' losses and gradients are checked before either is updated: a skipped step
         # changes no weight, the autoencoder's included.
-        updated, optimizers = _finite_gradients(self.opt_ae, g_total), [self.opt_ae]
+        updated, optimizers = finite_gradients(self.opt_ae, g_total), [self.opt_ae]
         if updated and self.loss.disc_factor(step) > 0:
             d_total, d_terms = self.loss.discriminator_loss(x, reconstructions, step)
-            updated, optimizers = _finite_gradients(self.opt_disc, d_total), optimizers + [self.opt_disc]
+            updated, optimizers = finite_gradients(self.opt_disc, d_total), optimizers + [self.opt_disc]
             terms.update(d_terms)
         for optimizer in optimizers:
             if updated:
                 optimizer.step()
             else:
-                _discard_gradients(optimizer)
+                discard_gradients(optimizer)
         values = _values(terms, [reconstructions] + ([codes] if self.usage is not None else []))
         if not updated:
             values["skipped"] = NON_FINITE

@@ -24,6 +24,7 @@ from jittor import nn
 
 from scoring.segmenter import CHECKPOINT_KIND, Segmenter, SegmenterConfig, to_input
 from training.loop import NON_FINITE, LoopConfig, Task, batch_indices, materialize, step_rng
+from training.optim import discard_gradients, finite_gradients
 from training.state import adam_state, load_adam_state
 from weights.checkpoint import load_weights
 
@@ -105,8 +106,12 @@ class SegmenterTask(Task):
         if not np.isfinite(value):
             values["skipped"] = NON_FINITE
         elif update:
-            self.optimizer.step(loss)
-            jt.sync_all()
+            if finite_gradients(self.optimizer, loss):   # a finite loss can still have non-finite gradients
+                self.optimizer.step()
+                jt.sync_all()
+            else:
+                discard_gradients(self.optimizer)
+                values["skipped"] = NON_FINITE
         return values
 
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:

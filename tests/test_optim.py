@@ -165,3 +165,24 @@ def test_fused_adamw_and_ema_on_cuda_match_float64_numpy(jt):
     for k in range(len(SHAPES)):
         np.testing.assert_allclose(params[k].numpy(), p[k], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ema[k].numpy(), e[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_finite_loss_with_non_finite_gradients_is_not_stepped(jt):
+    """sqrt at 0 has an infinite slope: the loss sqrt(w - 1) at w = (1, 2) is finite, its gradient
+    (inf, 0.5) is not.
+    finite_gradients says so, discard_gradients leaves the weights and the step count as they were,
+    and a finite loss afterwards steps normally."""
+    from jittor import nn
+
+    from training.optim import discard_gradients, finite_gradients
+
+    w = jt.array(np.array([1.0, 2.0], np.float32))
+    optimizer = nn.Adam([w], lr=0.1)
+    assert float(jt.sqrt(w - 1.0).sum().item()) == 1.0
+    assert finite_gradients(optimizer, jt.sqrt(w - 1.0).sum()) is False
+    discard_gradients(optimizer)
+    assert optimizer.n_step == 0
+    np.testing.assert_array_equal(w.numpy(), [1.0, 2.0])
+    assert finite_gradients(optimizer, (w * w).sum()) is True
+    optimizer.step()
+    assert optimizer.n_step == 1 and (w.numpy() < [1.0, 2.0]).all()

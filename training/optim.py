@@ -156,3 +156,19 @@ class FusedAdam(jt.optim.Optimizer):
 def FusedAdamW(params, lr: float, eps: float = 1e-8, betas=(0.9, 0.999), weight_decay: float = 0.0) -> FusedAdam:
     """``jt.optim.AdamW``'s signature and arithmetic, fused."""
     return FusedAdam(params, lr, eps=eps, betas=betas, weight_decay=weight_decay, decoupled=True)
+
+
+def finite_gradients(optimizer, loss: jt.Var) -> bool:
+    """Backward ``loss`` into ``optimizer`` (no update yet); whether the loss and every gradient
+    are finite."""
+    optimizer.backward(loss)
+    grads = optimizer.param_groups[0]["grads"]
+    sq = sum((g * g).sum() for g in grads)
+    jt.sync([loss, sq])
+    return math.isfinite(float(loss.item())) and math.isfinite(float(sq.item()))
+
+
+def discard_gradients(optimizer) -> None:
+    """Drops the gradients ``finite_gradients`` computed, for a step that is not taken."""
+    optimizer.n_step -= 1     # backward counted a step that is not taken
+    optimizer.zero_grad()
