@@ -3,6 +3,7 @@ models (outputs at the mask's size, restart, --overwrite, per-image failures, a 
 one-image use, the embedded demo and its gallery)."""
 
 import json
+import logging
 import re
 from html.parser import HTMLParser
 
@@ -122,7 +123,6 @@ def outputs(out):
 
 
 def test_batch_restart_overwrite_and_rounds(tmp_path, models, monkeypatch, capsys, caplog):
-    import logging
 
     caplog.set_level(logging.INFO, logger="iidm")
     unet, vq = models
@@ -245,7 +245,7 @@ class Sources(HTMLParser):
             self.sources.append(dict(attrs)["src"])
 
 
-def test_demo_writes_outputs_and_gallery(tmp_path, models, monkeypatch, capsys):
+def test_demo_writes_outputs_and_gallery(tmp_path, models, monkeypatch, capsys, caplog):
     unet, vq = models
     monkeypatch.setattr(infer, "DEMO_CHECKPOINT", unet)
     monkeypatch.setattr(infer, "DEMO_VQ", vq)
@@ -254,7 +254,9 @@ def test_demo_writes_outputs_and_gallery(tmp_path, models, monkeypatch, capsys):
     monkeypatch.setattr(demo, "DEMO_WIDTH", WIDTH)
     monkeypatch.setattr(demo, "DEMO_MASKS", 2)
     monkeypatch.setattr(demo, "DEMO_PHOTOS", 3)
-    assert infer.main(FAST + ["--save_rounds"]) == 0
+    caplog.set_level(logging.INFO)
+    assert infer.main(["--cpu", "--steps", "2", "--batch_size", "2", "--save_rounds"]) == 0   # no --preset
+    assert "preset fast: 3 rounds, 12 U-Net passes per image" in caplog.text     # the demo's default
     folder = tmp_path / "demo"
     assert outputs(folder) == ["00003.jpg", "00004.jpg"]
     page = folder / "gallery.html"
