@@ -1,8 +1,8 @@
 """Sample a pixel-space SDM (Wang et al. 2022, "Semantic Image Synthesis via Diffusion Models").
 
     python sample_sdm.py                                    # the shipped demo model on synthetic masks
-    python sample_sdm.py --model sdm-ade20k.safetensors --data ADE_ROOT --split val --output_path OUT
-    python sample_sdm.py --model sdm-celeba.safetensors --label mask.png --num_samples 8 --output_path OUT
+    python sample_sdm.py --ckpt sdm-ade20k.safetensors --data ADE_ROOT --split val --output_path OUT
+    python sample_sdm.py --ckpt sdm-celeba.safetensors --label mask.png --num_samples 8 --output_path OUT
     python sample_sdm.py ... --sampler dpm++2m --steps 25  # a fast solver instead of 1000 DDPM steps
 
 Models: a ``unet`` checkpoint of this project in pixel space: the demo, a run of ``train.py sdm``,
@@ -44,7 +44,9 @@ DEMO_MASKS = 4
 def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     jittor_env.add_arguments(parser)
-    parser.add_argument("--model", help="pixel-space U-Net checkpoint (default checkpoints/sdm_demo/unet.safetensors)")
+    parser.add_argument("--ckpt", dest="model",
+                        help="pixel-space U-Net checkpoint (default checkpoints/sdm_demo/unet.safetensors)")
+    parser.alias("--model", "--ckpt")
     parser.add_argument("--dataset", choices=DATASETS, help="label conventions (default: the checkpoint's)")
     parser.add_argument("--data", help="dataset root in its standard layout")
     parser.add_argument("--split", choices=("train", "val"), help="split of --data (default val)")
@@ -82,7 +84,7 @@ def check_options(parser, args) -> None:
         if path and not os.path.exists(path):
             parser.error(f"--{name} {path}: not found")
     if args.model and Path(args.model).suffix in (".pt", ".pth", ".pkl"):
-        parser.error(f"--model {args.model}: convert upstream weights first, e.g. python -m tools.convert_weights "
+        parser.error(f"--ckpt {args.model}: convert upstream weights first, e.g. python -m tools.convert_weights "
                      f"{args.model} sdm.safetensors --config configs/sdm/ade20k.flags")
 
 

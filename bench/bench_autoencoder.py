@@ -1,7 +1,7 @@
 """Benchmark (not a test): VQ-f4 encode + decode throughput at 512x384 (height 384, width 512).
 
     python -m bench.bench_autoencoder [--preset vq-f4] [--height 384 --width 512] [--batch_size 1]
-                                      [--iterations 3] [--warmup 1] [--device all|cpu|cuda]
+                                      [--repeats 3] [--warmup 1] [--device all|cpu|cuda]
 
 One iteration = encode, then decode (which quantizes first), synchronised, without gradients.
 The weights are random: the work done does not depend on them. Prints images per second on the
@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--repeats", dest="iterations", type=int, default=3)
+    parser.alias("--iterations", "--repeats")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
     jittor_env.add_arguments(parser)

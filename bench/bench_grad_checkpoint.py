@@ -1,8 +1,8 @@
 """Peak memory and time of one U-Net training step, plain and with gradient checkpointing.
 
     python -m bench.bench_grad_checkpoint                                  # demo, 96x128, batch 4
-    python -m bench.bench_grad_checkpoint --preset iidm --height 24 --width 32 --batch 1
-    python -m bench.bench_grad_checkpoint --preset iidm --batch 4 --cuda   # on a GPU machine
+    python -m bench.bench_grad_checkpoint --preset iidm --height 24 --width 32 --batch_size 1
+    python -m bench.bench_grad_checkpoint --preset iidm --batch_size 4 --cuda   # on a GPU machine
 
 Each mode runs in a fresh process (so one cannot profit from the other's allocations): a few
 steps of the hybrid loss and the gradients of every parameter, as the training loop computes them
@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch_size", dest="batch", type=int, default=4)
+    parser.alias("--batch", "--batch_size")
     parser.add_argument("--steps", type=int, default=2, help="steps per mode; the last one is reported")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU (default: the CPU)")
     parser.add_argument("--mode", choices=("plain", "checkpoint"), help=argparse.SUPPRESS)
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     rows = []
     for mode in ("plain", "checkpoint"):
         command = [sys.executable, "-m", "bench.bench_grad_checkpoint", "--mode", mode, "--preset", args.preset, "--height", str(args.height),
-                   "--width", str(args.width), "--batch", str(args.batch), "--steps", str(args.steps)]
+                   "--width", str(args.width), "--batch_size", str(args.batch), "--steps", str(args.steps)]
         command += ["--cuda"] if args.cuda else []
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

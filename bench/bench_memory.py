@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     parser.add_argument("--torch_python", help="python of a separate environment with torch (CPU)")
     parser.add_argument("--sdm_path", help="folder holding SDM's guided_diffusion/")
     parser.add_argument("--size", default="m128", choices=sorted(SIZES))
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch_size", dest="batch", type=int, default=2)
+    parser.alias("--batch", "--batch_size")
     parser.add_argument("--steps", type=int, default=2, help="forwards per process (default 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chain", action="store_true",

@@ -4,7 +4,7 @@ ldm.samplers; the variants it does not carry: bench/solver_variants.py), and the
 step of each sampler around a tiny stand-in network.
 
     python -m bench.bench_samplers [--selection] [--skip_accuracy] [--skip_timing]
-                                   [--batch 2] [--height 96] [--width 128] [--steps 20] [--cpu]
+                                   [--batch_size 2] [--height 96] [--width 128] [--steps 20] [--cpu]
 
 Passes count per image: with classifier-free guidance each step evaluates the network on the
 masked and the null mask (one batched call of 2B, i.e. 2 passes per image). Accuracy: each round
@@ -248,7 +248,8 @@ def print_accuracy(selection: bool) -> None:
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
+    parser.add_argument("--batch_size", dest="batch", type=int, default=2, help="images per batch (default 2)")
+    parser.alias("--batch", "--batch_size")
     parser.add_argument("--height", type=int, default=96, help="latent height (default 96)")
     parser.add_argument("--width", type=int, default=128, help="latent width (default 128)")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed run (default 20)")

@@ -100,7 +100,7 @@ def test_sample_sdm_writes_resumes_and_ignores_batching(tiny_sdm, tmp_path):
     import sample_sdm
     from datasets.io import load_image
 
-    common = ["--model", str(tiny_sdm), "--sampler", "ddim", "--steps", "3", "--num_samples", "2", "--limit", "2",
+    common = ["--ckpt", str(tiny_sdm), "--sampler", "ddim", "--steps", "3", "--num_samples", "2", "--limit", "2",
               "--cpu"]
     assert sample_sdm.main(common + ["--output_path", str(tmp_path / "a"), "--batch_size", "4"]) == 0
     assert sample_sdm.main(common + ["--output_path", str(tmp_path / "b"), "--batch_size", "1"]) == 0
@@ -161,7 +161,7 @@ def test_score_sdm_on_sampled_folder(tiny_sdm, tmp_path):
     from tools import score_sdm
 
     out = tmp_path / "run"
-    assert sample_sdm.main(["--model", str(tiny_sdm), "--sampler", "ddim", "--steps", "3", "--num_samples", "3",
+    assert sample_sdm.main(["--ckpt", str(tiny_sdm), "--sampler", "ddim", "--steps", "3", "--num_samples", "3",
                             "--limit", "2", "--output_path", str(out), "--cpu"]) == 0
     assert score_sdm.main(["--results", str(out), "--cpu"]) == 0
     scores = json.loads((out / "scores.json").read_text())
