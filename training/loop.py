@@ -47,7 +47,7 @@ import numpy as np
 
 from datasets.io import atomic_write, remove_stale_temporaries
 from training.logs import LOG_FILE, JsonLog, repair_log
-from weights.checkpoint import TRAIN_SUFFIX, WeightsError, load_checkpoint, save_checkpoint
+from weights.checkpoint import TRAIN_SUFFIX, WeightsError, load_checkpoint, read_checkpoint_info, save_checkpoint
 
 log = logging.getLogger("iidm.training")
 
@@ -211,14 +211,7 @@ def checkpoint_to_resume(out: Path) -> Path | None:
 
 def load_header_step(path: Path) -> int:
     """The step recorded in a training checkpoint's metadata (the arrays are not read)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="np") as f:
-            extra = json.loads((f.metadata() or {}).get("extra", "{}"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not a readable checkpoint ({exc})") from None
-    return int(extra.get("step", -1))
+    return int(read_checkpoint_info(path)["extra"].get("step", -1))
 
 
 class _Run:

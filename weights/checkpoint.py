@@ -355,6 +355,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     return arrays, checkpoint_info(path, metadata)
 
 
+def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """``read_checkpoint``'s {kind, version, config, extra} without reading any array."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc}){_foreign_hint(Path(path))}") from None
+    return checkpoint_info(path, metadata)
+
+
 def checkpoint_info(path: str | os.PathLike, metadata: Mapping[str, str]) -> dict[str, Any]:
     """{kind, version, config, extra} from a checkpoint's safetensors metadata, the config in the
     version-2 layout (readers that fetch the arrays themselves, one at a time, start here)."""
