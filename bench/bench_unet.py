@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-
 import cli
 import jittor_env  # noqa: F401  (must precede jittor)
+from bench.bench_ops import module_command
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Latent size per preset: (height, width).
 LATENT_SIZES = {"tiny": (16, 24), "demo": (24, 32), "iidm": (96, 128)}
@@ -206,9 +208,9 @@ def main(argv=None) -> int:
                 spec = dict(preset=preset, precision=precision, batch=batch, height=height,
                             width=width, steps=args.steps, warmup=args.warmup,
                             forward_only=args.forward_only, cuda=cuda)
-                proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(spec)]
-                                      + (["--cpu"] if args.cpu else []),
-                                      capture_output=True, text=True)
+                proc = subprocess.run(module_command(sys.executable, "bench.bench_unet", "--single", json.dumps(spec),
+                                                     *(["--cpu"] if args.cpu else [])),
+                                      capture_output=True, text=True, cwd=REPO)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode or not lines:
                     failed += 1
