@@ -142,10 +142,10 @@ def main(argv=None) -> int:
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
 
     from ldm import pipeline
+    from scoring.challenge import score_results
     from scoring.segmenter import load_segmenter
     from synthesis import Generator
     from synthesis.batch import generate_jobs, list_jobs
-    from tools.score import score_results
 
     generator = Generator([args.ckpt], args.vq)
     rows = row_rounds(generator.schedule, args.steps)

@@ -1,3 +1,4 @@
 """The challenge's metrics as a library: style similarity of colour histograms, FID with the
 FID variant of InceptionV3, mask accuracy through a segmenter plug-in, and the aesthetic score
-through a NIMA plug-in. ``python -m tools.score`` is the command that puts them together."""
+through a NIMA plug-in; ``scoring.challenge`` puts them together into the challenge's total T, and
+``python -m tools.score`` is its command."""

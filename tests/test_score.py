@@ -1,5 +1,5 @@
-"""tools/score.py: T against the IIDM paper's tables, the `total` command, and whole scoring runs
-on a tiny synthetic test split with plug-in models whose outputs are known in closed form."""
+"""scoring/challenge.py and tools/score.py: T against the IIDM paper's tables, the `total` command,
+and whole scoring runs on a tiny synthetic test split with plug-in models whose outputs are known in closed form."""
 
 import csv
 import json
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from scoring.challenge import METRICS, result_problem, score_terms, total_lines, total_score
 from tools import score
-from tools.score import METRICS, score_terms, total_lines, total_score
 
 # (M, A, FID, S, T) as printed in the IIDM paper, Table 1 (methods) and Table 2 (ablation).
 PAPER_ROWS = {
@@ -152,7 +152,7 @@ def test_a_jpeg_cut_in_half_is_what_opencv_reads_without_complaint(synthetic, tm
     path.write_bytes(sorted((synthetic / "test" / "imgs").glob("*.jpg"))[0].read_bytes())
     cut_in_half(path)
     assert read_bgr(path).shape == (24, 32, 3)
-    assert score.result_problem(path, 24, 32).startswith("cannot be decoded in full")
+    assert result_problem(path, 24, 32).startswith("cannot be decoded in full")
 
 
 def test_bad_results_stop_the_run_with_every_one_listed(synthetic, tmp_path, capsys, monkeypatch):
