@@ -16,7 +16,7 @@ BATCH = 2                        # 5 photos: chunks of 2, 2 and 1 (padded)
 def setup(tmp_path_factory, jt):
     from autoencoder.vqmodel import VQModel, save_vqmodel, vq_config
     from datasets.synthetic import write_dataset
-    from tools.cache_latents import cache_latents
+    from ldm.latent_cache import cache_latents
 
     root = tmp_path_factory.mktemp("cache")
     write_dataset(root / "data", n=5, height=HEIGHT, width=WIDTH, seed=3)
@@ -66,7 +66,7 @@ def test_manifest_describes_the_store(setup):
 
 
 def test_second_run_does_nothing(setup):
-    from tools.cache_latents import cache_latents
+    from ldm.latent_cache import cache_latents
 
     root, _, _ = setup
     store = root / "store"
@@ -80,8 +80,9 @@ def test_second_run_does_nothing(setup):
 def test_refuses_a_store_made_with_other_settings(setup, jt, capsys):
     from autoencoder.vqmodel import VQModel, save_vqmodel, vq_config
     from datasets.synthetic import write_dataset
+    from ldm.latent_cache import cache_latents
     from ldm.latents import StoreError
-    from tools.cache_latents import cache_latents, main
+    from tools.cache_latents import main
 
     root, _, _ = setup
     store = root / "store"
@@ -102,8 +103,8 @@ def test_refuses_a_store_made_with_other_settings(setup, jt, capsys):
 
 
 def test_resumes_after_an_interruption(setup, tmp_path):
+    from ldm.latent_cache import cache_latents
     from ldm.latents import LatentStore, StoreError
-    from tools.cache_latents import cache_latents
 
     root, _, _ = setup
     complete = LatentStore(root / "store")
@@ -165,8 +166,8 @@ def test_a_non_finite_latent_is_reported_with_its_item(setup, tmp_path):
 def test_caching_refuses_a_non_finite_latent_naming_the_photo(setup, tmp_path, monkeypatch, jt):
     from autoencoder.vqmodel import VQModel
     from datasets import TrainingSet
+    from ldm.latent_cache import cache_latents
     from ldm.latents import StoreError, items_done
-    from tools.cache_latents import cache_latents
 
     root, _, _ = setup
     real_encode = VQModel.encode
