@@ -29,8 +29,10 @@ import cli
 import jittor_env
 from datasets import CLASS_INDEX, CLASS_NAMES, DataError, colorize, save_image, save_label
 from synthesis import painting
-from synthesis.batch import parse_size
-from synthesis.demo import DEMO_CHECKPOINT, DEMO_HEIGHT, DEMO_OUTPUT, DEMO_WIDTH, prepare_demo
+from synthesis.batch import output_quality, parse_size
+from synthesis.demo import DEMO_CHECKPOINT, DEMO_HEIGHT, DEMO_OUTPUT, DEMO_VQ, DEMO_WIDTH, prepare_demo
+from synthesis.model_files import Stop
+from synthesis.model_files import model_files as synthesis_model_files
 from synthesis.studio import NAME, Settings, Studio
 from weights.checkpoint import WEIGHT_SETS, WeightsError
 
@@ -80,10 +82,8 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
 
 def model_files(args) -> tuple[list[Path], Path, list[str]]:
     """The U-Net checkpoints, the autoencoder, and the infer.py options that name them."""
-    from infer import model_files as infer_model_files
-
     given = list(args.ckpt)
-    checkpoints, vq_path = infer_model_files(args)
+    checkpoints, vq_path = synthesis_model_files(given, args.vq, DEMO_CHECKPOINT, DEMO_VQ)
     options = [a for path in given for a in ("--ckpt", str(path))]
     if given:
         options += ["--vq", str(vq_path)]
@@ -172,7 +172,6 @@ def generate_handler(studio: Studio, results: Results):
     mask, legend, report and three download files out."""
     import gradio as gr
 
-    from infer import DEFAULT_QUALITY, QUALITY
     from synthesis.gallery import legend_html
 
     @guarded
@@ -191,7 +190,7 @@ def generate_handler(studio: Studio, results: Results):
         picture = studio.generate(snapped.label, reference, settings, report, reference_file)
         folder = results.folder()
         output_file, label_file, mask_file = folder / f"{NAME}.jpg", folder / f"{NAME}.png", folder / f"{NAME}_colour.png"
-        save_image(output_file, picture.output, quality=QUALITY.get(preset_name, DEFAULT_QUALITY))
+        save_image(output_file, picture.output, quality=output_quality(preset_name))
         save_label(label_file, picture.label)
         save_image(mask_file, colorize(picture.label))
         snap_note = snapped.note()
@@ -365,8 +364,6 @@ def main(argv=None) -> int:
     except ImportError:
         print("app.py: the app needs Gradio: pip install -r requirements-app.txt", file=sys.stderr)
         return FAILED
-    from infer import Stop
-
     try:
         checkpoints, vq_path, model_options = model_files(args)
     except Stop as stop:

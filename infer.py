@@ -28,18 +28,15 @@ import jittor_env
 from datasets import DataError
 from datasets.io import remove_stale_temporaries, temporaries_of
 from datasets.landscape import MAPPING_FILE
-from synthesis.batch import BatchReport, Job, generate_jobs, list_jobs, parse_size, shard
-from synthesis.demo import DEMO_CHECKPOINT, DEMO_OUTPUT, DEMO_VQ, no_model_message, prepare_demo
+from synthesis.batch import BatchReport, Job, generate_jobs, list_jobs, output_quality, parse_size, shard
+from synthesis.demo import DEMO_CHECKPOINT, DEMO_OUTPUT, DEMO_VQ, prepare_demo
 from synthesis.gallery import ROUNDS_FOLDER
+from synthesis.model_files import FAILED, NO_MODEL, Stop, model_files  # noqa: F401 (NO_MODEL: an exit status)
 from weights.checkpoint import WEIGHT_SETS, WeightsError
 
 log = logging.getLogger("iidm.infer")
 
-NO_MODEL = 2  # exit status: nothing was generated because no model is available
-FAILED = 1    # exit status: bad files, or some images failed
-USAGE = 2     # exit status: bad options (argparse's)
-QUALITY = {"iidm": 75}  # the official submission wrote PIL's default JPEG quality; others 95
-DEFAULT_QUALITY = 95
+USAGE = 2     # exit status: bad options (argparse's); FAILED and NO_MODEL come with Stop
 PROBE = ".write-test"   # the writability probe, OUTPUT/.write-test.PID
 
 
@@ -156,29 +153,6 @@ def writable(folder: Path) -> str | None:
     return None
 
 
-class Stop(Exception):
-    """Nothing (more) can be done: the message and the exit status."""
-
-    def __init__(self, message: str, status: int = FAILED):
-        super().__init__(message)
-        self.status = status
-
-
-def model_files(args) -> tuple[list[Path], Path]:
-    """The U-Net checkpoints and the autoencoder: the options', else the shipped demo model."""
-    checkpoints = list(args.ckpt)
-    if not checkpoints:
-        if not (DEMO_CHECKPOINT.is_file() and DEMO_VQ.is_file()):
-            raise Stop(no_model_message(DEMO_CHECKPOINT, DEMO_VQ), NO_MODEL)
-        checkpoints, args.vq = [DEMO_CHECKPOINT], args.vq or DEMO_VQ
-    vq_path = args.vq or checkpoints[0].parent / "vq.safetensors"
-    missing = [str(p) for p in [*checkpoints, vq_path] if not Path(p).is_file()]
-    if missing:
-        hint = "" if args.vq else " (give the autoencoder with --vq)"
-        raise Stop(f"infer.py: checkpoint not found: {', '.join(missing)}{hint}")
-    return checkpoints, vq_path
-
-
 def plan_jobs(args, quick: bool, demo: bool, rank: int, world_size: int, started: float):
     """(this rank's jobs, (masks folder, training root, mapping) or None for one image, output folder);
     the output folder is checked to be writable, and rank 0 removes the temporary files and probes
@@ -222,7 +196,7 @@ def generate(args, pending: list[Job], checkpoints: list[Path], vq_path: Path, r
     log.info("models loaded in %.1f s (%s; %s); preset %s: %d rounds, %d U-Net passes per image",
              time.perf_counter() - started, ", ".join(str(p) for p in checkpoints), vq_path,
              args.preset, len(rounds), passes)
-    quality = args.quality or QUALITY.get(args.preset, DEFAULT_QUALITY)
+    quality = args.quality or output_quality(args.preset)
     report = generate_jobs(pending, generator, rounds, batch_size=args.batch_size, seed=args.seed,
                            quality=quality, size=args.size, save_rounds=args.save_rounds, show_progress=rank == 0)
     return report, passes
@@ -253,7 +227,7 @@ def main(argv=None) -> int:
     args.preset = args.preset or ("fast" if demo else "iidm")
     check_options(parser, args)
     try:
-        checkpoints, vq_path = model_files(args)
+        checkpoints, vq_path = model_files(args.ckpt, args.vq, DEMO_CHECKPOINT, DEMO_VQ)
         jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
         rank, world_size = (jt.rank, jt.world_size) if jt.in_mpi else (0, 1)
         jobs, source, output_dir = plan_jobs(args, quick, demo, rank, world_size, started)

@@ -1,6 +1,7 @@
 """Generating landscapes: ``Generator`` (the networks loaded once, IIDM's rounds on a batch),
 batch generation of a test folder with atomic, resumable outputs (``synthesis.batch``), Reinhard
-colour transfer, the HTML gallery and the embedded demo.
+colour transfer, the HTML gallery, the embedded demo and the model files a run loads
+(``synthesis.model_files``).
 
     from synthesis import Generator, color_transfer
 

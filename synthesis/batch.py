@@ -26,6 +26,14 @@ from datasets.transforms import resize_image, resize_label
 
 log = logging.getLogger("iidm.synthesis")
 
+QUALITY = {"iidm": 75}  # the official submission wrote PIL's default JPEG quality; others 95
+DEFAULT_QUALITY = 95
+
+
+def output_quality(preset: str) -> int:
+    """The JPEG quality of a pipeline preset's outputs (``QUALITY``, else ``DEFAULT_QUALITY``)."""
+    return QUALITY.get(preset, DEFAULT_QUALITY)
+
 
 @dataclass(frozen=True)
 class Job:

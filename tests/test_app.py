@@ -180,6 +180,27 @@ def test_bad_options_exit_2_with_one_line(argv, message, capsys):
     assert message in last
 
 
+def test_model_files_are_the_options_or_the_demo_model_and_a_missing_one_is_named_for_the_app(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """app.py finds its model files as infer.py does (synthesis.model_files), and says app.py."""
+    pytest.importorskip("gradio", reason="gradio is not installed (pip install -r requirements-app.txt)")
+    from types import SimpleNamespace
+
+    import app
+    from synthesis.model_files import NO_MODEL
+
+    unet = tmp_path / "unet.safetensors"
+    unet.write_bytes(b"")
+    (tmp_path / "vq.safetensors").write_bytes(b"")
+    assert app.model_files(SimpleNamespace(ckpt=[unet], vq=None)) == (
+        [unet], tmp_path / "vq.safetensors", ["--ckpt", str(unet), "--vq", str(tmp_path / "vq.safetensors")])
+    assert app.model_files(SimpleNamespace(ckpt=[], vq=None)) == ([app.DEMO_CHECKPOINT], app.DEMO_VQ, [])
+    monkeypatch.setattr(app, "DEMO_CHECKPOINT", tmp_path / "absent.safetensors")
+    assert app.main(["--cpu"]) == NO_MODEL
+    err = capsys.readouterr().err
+    assert "app.py: no model is available" in err and "infer.py" not in err
+
+
 def test_bad_port_from_the_command_line():
     done = subprocess.run([sys.executable, "app.py", "--port", "0"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
