@@ -243,3 +243,53 @@ def test_an_older_file_lacking_a_field_is_re_exported_as_its_message_says(jt, tm
     assert convert([str(old), str(tmp_path / "new.safetensors"), "--kind", "unet", "--preset", "tiny"]) == 0
     checkpoint = load_checkpoint(tmp_path / "new.safetensors", "unet")
     assert checkpoint.network == config and checkpoint.diffusion["latent_scale"] == 2.19
+
+
+def test_an_older_run_without_its_latent_scale_names_it_and_takes_it_from_export(tmp_path, capsys):
+    """A version-1 training run recorded its schedule but (before checkpoints carried it) not its
+    latent scale: reading it gives no latent scale of 1 by default; its diffusion settings name the
+    missing field and the export option that supplies it, and that export writes a loadable file."""
+    from tools.export_weights import main as export
+
+    run = write_v1(tmp_path / "run.safetensors", "unet-train",
+                   {"unet": {"model_channels": 16}, "train": {"schedule": LINEAR, "lr": 1e-4}, "latents": "store"},
+                   {"model/w": np.zeros(2, np.float32), "ema/w": np.ones(2, np.float32)})
+    checkpoint = load_checkpoint(run, "unet")
+    assert checkpoint.config["diffusion"] == {"schedule": LINEAR, "space": "latent"}
+    with pytest.raises(WeightsError, match=r"run.safetensors: the checkpoint lacks diffusion.latent_scale.*"
+                                           r"`python -m tools.export_weights .*run.safetensors OUT.safetensors "
+                                           r"--schedule linear:1000 --latent_scale S`"):
+        checkpoint.diffusion
+    assert export([str(run), str(tmp_path / "plain.safetensors")]) == 1   # no scale, no file
+    assert "lacks diffusion.latent_scale" in capsys.readouterr().err
+    assert export([str(run), str(tmp_path / "out.safetensors"), "--latent_scale", "2.19"]) == 0
+    exported = load_checkpoint(tmp_path / "out.safetensors", "unet")
+    assert exported.diffusion == {"schedule": LINEAR, "space": "latent", "latent_scale": 2.19}
+    np.testing.assert_array_equal(exported.weights()["w"], np.ones(2))
+    # an option never overrides what a run records
+    recorded = write_v1(tmp_path / "recorded.safetensors", "unet-train",
+                        {"unet": {"model_channels": 16}, "train": {"schedule": LINEAR, "latent_scale": 0.5}},
+                        {"model/w": np.zeros(2, np.float32), "ema/w": np.ones(2, np.float32)})
+    assert export([str(recorded), str(tmp_path / "x.safetensors"), "--latent_scale", "2.19"]) == 1
+    assert "records latent_scale 0.5" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_older_export_without_its_latent_scale_is_converted_with_the_named_option(jt, tmp_path, capsys):
+    """A version-1 U-Net export with a schedule but no latent scale: loading names the field and
+    convert_weights' --latent_scale; converting without it is refused, with it the file loads."""
+    from models import UNetModel, unet_preset
+    from models.unet import load_unet
+    from tools.convert_weights import main as convert
+
+    config = unet_preset("tiny").to_dict()
+    old = write_v1(tmp_path / "old.safetensors", "unet", {"unet": config, "schedule": LINEAR},
+                   module_arrays(UNetModel(unet_preset("tiny"))))
+    with pytest.raises(WeightsError, match=r"old.safetensors: the checkpoint lacks diffusion.latent_scale.*"
+                                           r"convert_weights .*old.safetensors OUT.safetensors --kind unet"):
+        load_unet(old)[1].diffusion
+    assert convert([str(old), str(tmp_path / "new.safetensors"), "--kind", "unet"]) == 1
+    assert "give --latent_scale" in capsys.readouterr().err
+    assert convert([str(old), str(tmp_path / "new.safetensors"), "--kind", "unet", "--latent_scale", "2.19"]) == 0
+    assert load_checkpoint(tmp_path / "new.safetensors", "unet").diffusion == {
+        "schedule": LINEAR, "space": "latent", "latent_scale": 2.19}

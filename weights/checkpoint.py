@@ -145,17 +145,30 @@ def config_from_dict(cls, values: Mapping[str, Any], *, complete: bool = False, 
         raise WeightsError(f"{source}: bad {cls.__name__}: {exc}") from None
 
 
-def check_diffusion(diffusion: Any, source: str) -> dict[str, Any]:
+def diffusion_fix(training: bool = False, path: str = "IN") -> str:
+    """How to give a U-Net checkpoint the diffusion settings it lacks: a weights file is converted
+    again with the options that set them, a training run's weights are exported with them."""
+    if training:
+        return (f"export its weights with `python -m tools.export_weights {path} OUT.safetensors --schedule "
+                "linear:1000 --latent_scale S`, giving what the run was trained with (a run of this project's "
+                "`train.py ldm` written before its checkpoints recorded the latent scale did not scale its "
+                "latents: --latent_scale 1)")
+    return (f"re-export the weights with `{CONVERT_HINT} {path} OUT.safetensors --kind unet --schedule "
+            "linear:1000 --latent_scale S` (IIDM and SDM: linear over 1000 steps; IIDM's latent scale is 1)")
+
+
+def check_diffusion(diffusion: Any, source: str, fix: str | None = None) -> dict[str, Any]:
     """The "diffusion" section of a U-Net checkpoint, checked: schedule fields, space and (for a
-    latent model) a finite latent scale > 0. A missing or bad entry names the converter option."""
-    fix = (f"re-export the weights with `{CONVERT_HINT} IN OUT --kind unet --schedule linear:1000 "
-           "--latent_scale S` (IIDM and SDM: linear over 1000 steps; IIDM's latent scale is 1)")
+    latent model) a finite latent scale > 0. A missing or bad entry names the field and ``fix``
+    (default: the converter options that set it)."""
+    fix = fix or diffusion_fix()
     if not isinstance(diffusion, Mapping):
         raise WeightsError(f"{source}: the checkpoint does not record its diffusion settings (schedule, "
                            f"latent scale); {fix}")
     schedule = diffusion.get("schedule")
     if not isinstance(schedule, Mapping):
-        raise WeightsError(f"{source}: the checkpoint lacks diffusion.schedule; {fix}")
+        raise WeightsError(f"{source}: the checkpoint lacks diffusion.schedule (the noise schedule it was "
+                           f"trained with, set by --schedule); {fix}")
     missing = [name for name in SCHEDULE_FIELDS if name not in schedule]
     unknown = sorted(set(schedule) - set(SCHEDULE_FIELDS))
     if missing or unknown:
@@ -166,7 +179,10 @@ def check_diffusion(diffusion: Any, source: str) -> dict[str, Any]:
         raise WeightsError(f"{source}: diffusion.space must be one of {SPACES}, got {space!r}; {fix}")
     out = {"schedule": dict(schedule), "space": space}
     if space == "latent":
-        scale = diffusion.get("latent_scale")
+        if "latent_scale" not in diffusion:
+            raise WeightsError(f"{source}: the checkpoint lacks diffusion.latent_scale (the factor its latents "
+                               f"were multiplied by in training, set by --latent_scale); {fix}")
+        scale = diffusion["latent_scale"]
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise WeightsError(f"{source}: diffusion.latent_scale must be a finite number > 0, got {scale!r}; "
                                f"{fix}")
@@ -184,21 +200,26 @@ def diffusion_section(schedule: Mapping[str, Any], space: str = "latent",
 
 
 def _migrate_v1(kind: str, config: Mapping[str, Any]) -> dict[str, Any]:
-    """A version-1 config in the version-2 layout (only what version 1 recorded)."""
+    """A version-1 config in the version-2 layout: only what version 1 recorded, nothing filled in.
+    Version 1 knew latent U-Nets only (space "latent"); its runs and exports from before the latent
+    scale was recorded lack it (and a converted U-Net lacks its schedule too), so their
+    ``Checkpoint.diffusion`` names the missing field and how to supply it."""
     config = dict(config)
+
+    def diffusion(source: Mapping[str, Any]) -> dict[str, Any]:
+        return {"space": "latent", **{k: source[k] for k in ("schedule", "latent_scale") if k in source}}
+
     if kind.endswith(TRAIN_SUFFIX) and isinstance(config.get("unet"), Mapping):
         train = dict(config.get("train") or {})
         out = {k: v for k, v in config.items() if k != "unet"}
         out["network"] = config["unet"]
-        if "schedule" in train:
-            out["diffusion"] = {"schedule": train["schedule"], "space": "latent",
-                                "latent_scale": train.get("latent_scale", 1.0)}
+        if "schedule" in train or "latent_scale" in train:
+            out["diffusion"] = diffusion(train)
         return out
     if isinstance(config.get("unet"), Mapping):        # export of a training run
         out = {"network": config["unet"]}
         if "schedule" in config or "latent_scale" in config:
-            out["diffusion"] = {"schedule": config.get("schedule"), "space": "latent",
-                                "latent_scale": config.get("latent_scale")}
+            out["diffusion"] = diffusion(config)
         return out
     return {"network": {k: v for k, v in config.items() if k not in ("schedule", "latent_scale")}}
 
@@ -323,8 +344,9 @@ class Checkpoint:
 
     @property
     def diffusion(self) -> dict[str, Any]:
-        """The checked diffusion settings (U-Nets): schedule, space, latent scale."""
-        return check_diffusion(self.config.get("diffusion"), self.path)
+        """The checked diffusion settings (U-Nets): schedule, space, latent scale. A missing one
+        (an older file's) names the field and the command that supplies it."""
+        return check_diffusion(self.config.get("diffusion"), self.path, diffusion_fix(self.training, self.path))
 
     @property
     def step(self) -> int | None:
