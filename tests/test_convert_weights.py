@@ -265,6 +265,64 @@ def test_an_sdm_model_of_demo_size_converts_with_its_config_not_the_demo_preset(
     assert "--preset iidm and --config" in err and "describe different networks" in err and "model_channels: 256 vs 32" in err
 
 
+# An SDM model with two heads at every attention width (num_head_channels -1): the same weight
+# shapes as 32 channels per head, which splits its 64- and 128-channel attention into 2 and 4 heads.
+SDM_TWO_HEADS_FLAGS = ("--image_size 64 --num_channels 64 --channel_mult 1,2 --num_res_blocks 1 "
+                       "--attention_resolutions 32 --num_heads 2 --num_head_channels -1 --num_classes 29 "
+                       "--no_instance True --class_cond True --learn_sigma True --resblock_updown True "
+                       "--use_scale_shift_norm True --diffusion_steps 1000 --noise_schedule linear")
+
+
+def test_a_foreign_unet_is_refused_without_config_since_its_heads_leave_no_trace(jt, tmp_path, capsys,
+                                                                                monkeypatch):
+    """Neither SDM's .pt nor IIDM's .pkl records its model arguments, and the head layout does not
+    show in the shapes: a U-Net from either, described by a preset alone (or by nothing), is
+    refused with a request for --config, even by a preset that keeps what upstream code fixes;
+    the file's own arguments convert it, heads as trained."""
+    from argparse import Namespace
+
+    import models.unet as unet_module
+    from tools.convert_weights import Refusal, choose_network, main
+
+    for name in ("iidm", "sdm-ade20k"):
+        with pytest.raises(Refusal, match=f"preset {name} .*num_heads, num_head_channels, num_heads_upsample.*"
+                                          "--config FILE"):
+            choose_network("unet", Namespace(preset=name, config=None, input="model.pt"), None, None)
+
+    flags = write(tmp_path / "sdm.flags", SDM_TWO_HEADS_FLAGS)
+    trained = read_config(flags).network
+    guess = {**trained, "num_heads": 4, "num_head_channels": 32}     # 32 groups, SPADE 128: upstream's
+    monkeypatch.setitem(unet_module.UNET_PRESETS, "upstream-size", guess)
+    assert unet_shapes(guess) == unet_shapes(trained)
+    assert [d.split(":")[0] for d in disagreements("unet", trained, guess)] == ["attention heads"]
+    source = write_state(tmp_path / "ema_0.9999_best.pt", random_state(unet_shapes(trained)))
+    out = tmp_path / "sdm.safetensors"
+    for options in (["--preset", "upstream-size"], []):
+        assert main([source, str(out), "--kind", "unet", "--space", "pixel", "--schedule", "linear:1000",
+                     *options]) == 1
+        err = capsys.readouterr().err
+        assert "do not show how its attention channels are split into heads" in err
+        assert "--config FILE" in err and not out.exists()
+
+    assert main([source, str(out), "--config", flags]) == 0
+    assert read_checkpoint(out)[1]["config"]["network"]["num_head_channels"] == -1
+    assert main([source, str(out), "--config", flags, "--preset", "upstream-size"]) == 1
+    assert "describe different networks: attention heads" in capsys.readouterr().err
+
+
+def test_the_iidm_flags_written_out_in_the_docs_build_the_iidm_preset(tmp_path):
+    """docs/converting.md gives IIDM's image_sample.py arguments as the --config its published U-Net
+    needs; they must build exactly the iidm preset, with its diffusion settings."""
+    from models.unet import PRESET_DIFFUSION, unet_preset
+
+    text = (REPO / "docs" / "converting.md").read_text()
+    block = text.split("as a flag file (`iidm.flags`):", 1)[1].split("\n\n")[1]
+    config = read_config(write(tmp_path / "iidm.flags", block))
+    assert config.origin == "IIDM flags" and config.notes == []
+    assert disagreements("unet", config.network, unet_preset("iidm").to_dict()) == []
+    assert config.diffusion == PRESET_DIFFUSION["iidm"]
+
+
 def test_small_vq_preset_cannot_describe_a_taming_file(jt, tmp_path, capsys):
     """The small preset's 8 norm groups give the same shapes as taming's 32: only the config can tell."""
     from tools.convert_weights import main
@@ -447,9 +505,10 @@ def test_real_size_iidm_unet_converts_within_one_and_a_half_outputs(tmp_path):
     source = tmp_path / "iidm.pt"
     write_torch_zip_streamed(source, shapes, lambda i, shape: np.full(shape, i % 97, np.float32))
     out = tmp_path / "iidm.safetensors"
+    arguments = write(tmp_path / "iidm.json", json.dumps(IIDM_SAMPLE_ARGUMENTS))
     for dtype in ("float32", "float16"):
-        code, growth_mib, err = convert_in_subprocess(source, out, "--kind", "unet", "--preset", "iidm",
-                                                      "--dtype", dtype)
+        code, growth_mib, err = convert_in_subprocess(source, out, "--kind", "unet", "--config", arguments,
+                                                      "--preset", "iidm", "--dtype", dtype)
         assert code == 0, err
         out_mib = out.stat().st_size / 2 ** 20
         print(f"iidm {dtype}: input {source.stat().st_size / 2 ** 20:.0f} MiB, output {out_mib:.0f} MiB, "

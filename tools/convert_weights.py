@@ -3,7 +3,7 @@
 
     python -m tools.convert_weights model.ckpt vq-f4.safetensors --config vq-f4/config.yaml
     python -m tools.convert_weights ema_0.9999_best.pt sdm.safetensors --config ade20k.flags
-    python -m tools.convert_weights average-176k-266k.pkl unet.safetensors --preset iidm
+    python -m tools.convert_weights average-176k-266k.pkl unet.safetensors --config iidm.flags --preset iidm
 
 Reads SDM's ``.pt`` state dicts (model or EMA), IIDM's Jittor ``.pkl``, LDM / taming Lightning
 checkpoints (``state_dict``; the training-only ``loss.*`` weights are left out and reported),
@@ -16,11 +16,13 @@ are found by themselves, or name it with ``--prefix``. The kind of network is to
 The architecture comes from ``--config`` (the upstream configuration the weights were trained
 with: LDM / taming YAML, SDM's or IIDM's model arguments as JSON or as the ``--flag value`` list of
 their scripts, or this project's JSON layout; weights/upstream.py), from ``--preset``, or from the
-input itself when it is one of this project's checkpoints. Some of it no weight shape reveals
-(norm groups, attention heads); upstream code fixes those, so a preset of this project that
-departs from them (``tiny``, ``demo``, ``small``) cannot describe a foreign file, and ``--preset``
-with ``--config`` (or with the input's own config) must agree on every field. Missing, unexpected
-and mis-shaped weights are listed in plain words and nothing is written.
+input itself when it is one of this project's checkpoints. Some of it no weight shape reveals.
+Upstream code fixes the norm groups (and SDM's and IIDM's SPADE width), so a preset of this project
+that departs from them (``tiny``, ``demo``, ``small``) cannot describe a foreign file. The split of
+a U-Net's attention channels into heads is an argument of SDM's and IIDM's code that their files
+(weights only) do not record, so a foreign U-Net needs ``--config``: a preset alone, or nothing, is
+refused. ``--preset`` with ``--config`` (or with the input's own config) must agree on every field.
+Missing, unexpected and mis-shaped weights are listed in plain words and nothing is written.
 
 Arrays are read, cast and written one at a time, so converting holds about one array besides the
 output being written. Exit status: 0 written, 1 refused (the reason on stderr).
@@ -157,7 +159,8 @@ def choose_network(kind_name: str, args, upstream: UpstreamConfig | None,
                    stored: Mapping[str, Any] | None) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
     """(network config, where it came from, diffusion settings it brings). A stored config (this
     project's checkpoint) wins; --preset and --config must agree with it and with each other; a
-    preset alone may describe a foreign file only if it keeps what upstream code fixes."""
+    preset alone may describe a foreign autoencoder only if it keeps what upstream code fixes, and
+    never a foreign U-Net (``head_layout_unknown``)."""
     kind = KINDS[kind_name]
 
     def complete(network: Mapping[str, Any], source: str, hint: str = "") -> dict[str, Any]:
@@ -194,9 +197,25 @@ def choose_network(kind_name: str, args, upstream: UpstreamConfig | None,
                       "shapes yet compute something else. Describe the file's architecture with --config FILE "
                       "(the upstream YAML or flags it was trained with, or this project's JSON config)")
     if kind_name == "unet":
-        from models.unet import PRESET_DIFFUSION
-        return network, f"preset {name}", PRESET_DIFFUSION.get(name)
+        raise Refusal(head_layout_unknown(name, network, given=args.preset is not None))
     return network, f"preset {name}", None
+
+
+def head_layout_unknown(name: str, network: Mapping[str, Any], given: bool) -> str:
+    """Why a preset alone cannot describe a U-Net written by SDM's or IIDM's code: the split of
+    attention channels into heads leaves no trace in the weight shapes and their files (SDM's .pt,
+    IIDM's .pkl) hold weights only, so the preset's split would be a guess."""
+    per_head = network["num_head_channels"]
+    split = f"{per_head} channels per head" if per_head != -1 else f"{network['num_heads']} heads per block"
+    described = f"preset {name}" if given else f"with neither --config nor --preset, the default preset {name}"
+    return (f"{described} would fix the U-Net's attention head layout ({split}), but the weight shapes do not "
+            "show how its attention channels are split into heads (num_heads, num_head_channels, "
+            f"num_heads_upsample) and {UPSTREAM_NAMES['unet']} files record no model arguments (SDM's .pt and "
+            "IIDM's .pkl hold weights only); loaded with another split than the one it was trained with, it would "
+            "compute something else without a complaint. Give the arguments it was built with: --config FILE "
+            "(SDM's model flags, e.g. configs/sdm/ade20k.flags for its published ADE20K model; IIDM's "
+            "image_sample.py arguments, as JSON or flags: docs/converting.md); --preset may be given beside "
+            "--config, and must then agree with it")
 
 
 # ------------------------------------------------------------------------------ diffusion settings
@@ -293,8 +312,8 @@ def build_parser() -> cli.ArgumentParser:
                                          "SDM's or IIDM's model arguments (JSON or --flag list), or this project's "
                                          "JSON config")
     parser.add_argument("--preset", help="architecture preset (default: the input's own config when it is one of "
-                                         "this project's checkpoints, else --config, else the kind's reference "
-                                         "preset, vq-f4 or iidm)")
+                                         "this project's checkpoints, else --config, else vq-f4 for an autoencoder; "
+                                         "a foreign U-Net needs --config, since its head layout is not in its file)")
     parser.add_argument("--prefix", help="name prefix of the weights inside the file (default: found by itself)")
     parser.add_argument("--ignore", action="append", default=[], metavar="PREFIX",
                         help="leave out weights whose names start with PREFIX (repeatable)")

@@ -309,7 +309,7 @@ def _foreign_hint(path: Path) -> str:
     for magic, what in _FOREIGN_MAGIC:
         if head.startswith(magic):
             return (f"; it is {what}: convert it first with `{CONVERT_HINT} {path} OUT.safetensors "
-                    "--preset NAME` (or --config FILE)")
+                    "--config FILE`, the configuration it was trained with (docs/converting.md)")
     return ""
 
 
@@ -394,7 +394,8 @@ def checkpoint_info(path: str | os.PathLike, metadata: Mapping[str, str]) -> dic
     version-2 layout (readers that fetch the arrays themselves, one at a time, start here)."""
     if metadata.get("format") != FORMAT_NAME:
         raise WeightsError(f"{path}: a safetensors file without this project's metadata; convert it with "
-                           f"`{CONVERT_HINT} {path} OUT.safetensors --preset NAME` (or --config FILE)")
+                           f"`{CONVERT_HINT} {path} OUT.safetensors --config FILE`, the configuration it was "
+                           "trained with (docs/converting.md)")
     try:
         version = int(metadata.get("version", "0"))
         config = json.loads(metadata.get("config", "{}"))
