@@ -217,6 +217,7 @@ def infer_worker(args) -> None:
     from models import UNetModel, unet_preset
     from models.unet import PRESET_DIFFUSION
     from synthesis.color_transfer import color_transfer
+    from synthesis.generator import Generator
 
     height, width = args.image
     jt.set_global_seed(0)
@@ -225,17 +226,10 @@ def infer_worker(args) -> None:
     unet.eval()
     vq.eval()
     schedule = make_schedule(ScheduleConfig(**PRESET_DIFFUSION["iidm"]["schedule"]))
-    factor = vq.config.factor
+    generator = Generator.from_networks(unet, vq, schedule)
+    encode, decode = generator.encode, generator.decode
+    factor = generator.factor
     rng = np.random.default_rng(0)
-
-    def encode(images):
-        with jt.no_grad():
-            return vq.encode(jt.array(images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0))
-
-    def decode(latent):
-        with jt.no_grad():
-            image = vq.decode(latent).numpy()
-        return np.clip((image + 1.0) * 127.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
     passes = {name: pipeline.unet_passes(pipeline.preset_rounds(name, schedule)) for name in ("fast", "iidm")}
     for batch in [int(b) for b in args.batches.split(",")]:

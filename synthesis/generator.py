@@ -55,20 +55,40 @@ class Generator:
         diffusion = averaged.diffusion
         if diffusion["space"] != "latent":
             raise WeightsError(f"{source}: a pixel-space U-Net; IIDM generates in the autoencoder's latent space")
-        self.latent_scale = diffusion["latent_scale"]
-        self.schedule = make_schedule(ScheduleConfig(**diffusion["schedule"]))
-        self.unet, _ = load_unet(averaged)
-        self.vq = load_vqmodel(vq_path)
-        self.vq_path = str(vq_path)
-        config = self.unet.config
+        latent_scale = diffusion["latent_scale"]
+        schedule = make_schedule(ScheduleConfig(**diffusion["schedule"]))
+        unet, _ = load_unet(averaged)
+        vq = load_vqmodel(vq_path)
+        config = unet.config
         if config.num_classes != NUM_CLASSES:
             raise WeightsError(f"{checkpoints[0]}: the U-Net takes {config.num_classes} mask channels, "
                                f"the landscape data has {NUM_CLASSES} classes")
-        if config.in_channels != self.vq.config.embed_dim:
+        if config.in_channels != vq.config.embed_dim:
             raise WeightsError(f"{checkpoints[0]} takes {config.in_channels}-channel latents but "
-                               f"{vq_path} makes {self.vq.config.embed_dim}-channel ones")
-        self.factor = self.vq.config.factor
-        self.multiple = self.factor * config.downsample_factor
+                               f"{vq_path} makes {vq.config.embed_dim}-channel ones")
+        self._hold(unet, vq, schedule, latent_scale)
+        self.vq_path = str(vq_path)
+
+    @classmethod
+    def from_networks(cls, unet, vq, schedule, latent_scale: float = 1.0) -> Generator:
+        """A generator around networks already built (benchmarks, tests): ``unet(x_t, t, mask)``, a
+        U-Net or a stand-in function, and ``vq``, an autoencoder (``encode``, ``decode``,
+        ``config.factor``). Nothing is read from a file or checked against the landscape data."""
+        import jittor as jt
+
+        generator = cls.__new__(cls)
+        generator.jt = jt
+        generator.sources = []
+        generator.vq_path = None
+        generator._hold(unet, vq, schedule, latent_scale)
+        return generator
+
+    def _hold(self, unet, vq, schedule, latent_scale: float) -> None:
+        self.unet, self.vq, self.schedule, self.latent_scale = unet, vq, schedule, latent_scale
+        self.factor = vq.config.factor
+        # A stand-in function (tests) puts no constraint of its own on the latent's size.
+        config = getattr(unet, "config", None)
+        self.multiple = self.factor * (config.downsample_factor if config is not None else 1)
 
     # ----------------------------------------------------------------------------- the stages
     def encode(self, images: np.ndarray):

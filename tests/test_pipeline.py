@@ -1,18 +1,19 @@
 """The inference pipeline as data: the presets against the official recipe written out here, and
-the round chain with a closed-form network and identity-like autoencoder against a float64 numpy
-chain. The solver presets' accuracy is measured in tests/test_oracle.py."""
+the round chain (through the Generator's encode and decode, with a closed-form network and an
+identity autoencoder) against a float64 numpy chain. The solver presets' accuracy is measured in
+tests/test_oracle.py."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-import jittor as jt
 
 from ldm.pipeline import (PRESETS, Round, check_rounds, fast_rounds, fastest_rounds, iidm_rounds,
                           image_seed, preset_rounds, pure_noise_rounds, run_rounds, unet_passes)
 from ldm.respace import Stage
 from ldm.schedule import ScheduleConfig, make_schedule
+from synthesis.generator import Generator
 
 ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))  # the linear schedule, from its definition
 B, H, W, K = 3, 4, 6, 29
@@ -131,12 +132,21 @@ def dummy_unet(x_t, t, mask):
     return A_EPS * x_t + C_MASK * mask[:, :3] + t.float32().reshape(-1, 1, 1, 1) / 4000.0
 
 
-def encode(images):
-    return jt.array(images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)
+class IdentityAutoencoder:
+    """An autoencoder whose latent is the image itself in [-1, 1]: the Generator's own encode and
+    decode then do only their pixel conversions."""
+
+    config = SimpleNamespace(factor=1)
+
+    def encode(self, x):
+        return x
+
+    def decode(self, latent):
+        return latent
 
 
-def decode(latent):
-    return np.clip((latent.numpy() + 1.0) * 127.5, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+STAND_IN = Generator.from_networks(dummy_unet, IdentityAutoencoder(), make_schedule(ScheduleConfig()))
+encode, decode = STAND_IN.encode, STAND_IN.decode
 
 
 class RecordingTransfer:
