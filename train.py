@@ -56,7 +56,8 @@ def build_parser() -> cli.ArgumentParser:
     common.add_argument("--keep_every", type=int, help="also keep the weights (and EMA) every N steps as "
                                                        "checkpoints/step_NNNNNNN.safetensors, e.g. to average two "
                                                        "of them as IIDM's submission did (default 0: only last)")
-    common.add_argument("--max_bad_steps", type=int, help="non-finite steps in a row that stop the run (default 10)")
+    common.add_argument("--max_bad_steps", type=int, help="bad steps (non-finite, or loss spikes) in a row that stop the "
+                                                           "run; half of the last 4x this many also stop it (default 10)")
     common.add_argument("--seed", type=int, help="fixes the initial weights and every random draw (default 0)")
     init = parser.add_argument_group("autoencoder and ldm")
     init.add_argument("--init", help="start a new run from this checkpoint's weights: for the autoencoder a vqmodel "

@@ -51,7 +51,7 @@ from datasets import TrainingSet, save_image
 from training.loop import (NON_FINITE, LoopConfig, Task, batch_indices, checkpoint_to_resume, materialize, run,
                            seed_everything, step_rng)
 from training.optim import FusedAdam, discard_gradients, finite_gradients
-from training.state import adam_state, load_adam_state, to_uint8
+from training.state import adam_state, load_adam_state, to_uint8, trainable
 from weights.checkpoint import WeightsError, load_checkpoint, load_weights
 
 log = logging.getLogger("iidm.autoencoder")
@@ -71,7 +71,7 @@ class AutoencoderTrainConfig:
     sample_every: int = 1000
     save_every: int = 1000
     keep_every: int = 0           # also keep the weights every N steps
-    max_bad_steps: int = 10       # non-finite steps in a row that stop the run
+    max_bad_steps: int = 10       # bad steps (non-finite, loss spikes) in a row that stop the run
     seed: int = 0
     flip: bool = True
     codebook_restart: int = 0     # N > 0: every N steps, re-seed unused codes from encoder outputs
@@ -128,10 +128,6 @@ def restart_dead_codes(model: VQModel, x: jt.Var, usage: np.ndarray, rng: np.ran
     return int(dead.size)
 
 
-def _trainable(module) -> list[tuple[str, jt.Var]]:
-    return [(name, var) for name, var in module.named_parameters() if not var.is_stop_grad()]
-
-
 # ------------------------------------------------------------------------------ the task
 class AutoencoderTask(Task):
     """The VQ model, the loss with its discriminator, two Adams and the codebook usage counts."""
@@ -147,7 +143,7 @@ class AutoencoderTask(Task):
         self.loss = VQLPIPSWithDiscriminator(loss_config, perceptual)
         materialize(self.model)
         materialize(self.loss.discriminator)
-        ae_named, disc_named = _trainable(self.model), _trainable(self.loss.discriminator)
+        ae_named, disc_named = trainable(self.model), trainable(self.loss.discriminator)
         self.ae_names, self.disc_names = [n for n, _ in ae_named], [n for n, _ in disc_named]
         lr = cfg.learning_rate
         # Adam (not AdamW, as taming), fused: a few kernels per step for all tensors.
@@ -195,15 +191,16 @@ class AutoencoderTask(Task):
         flips = step_rng(cfg.seed, step, 1).random(cfg.batch_size) < 0.5
         x_np = load_batch(self.dataset, indices, flips & cfg.flip)
         x = jt.array(x_np)
-        restarted = None
+        restarted = before_restart = None
         if update and self.usage is not None and step % cfg.codebook_restart == 0:
+            before_restart = (self.model.quantize.embedding.weight.numpy().copy(), self.usage.copy())
             restarted = restart_dead_codes(self.model, x, self.usage, step_rng(cfg.seed, step, 2))
             self.usage[:] = 0
         reconstructions, codebook_loss, codes = self.model(x)
         g_total, terms = self.loss.generator_loss(codebook_loss, x, reconstructions, step, self.model.last_layer())
         if not update:
-            jt.sync([g_total])
-            return {} if np.isfinite(float(g_total.item())) else {"skipped": NON_FINITE}
+            values = _values(terms)
+            return values if np.isfinite(values["total_loss"]) else {**values, "skipped": NON_FINITE}
         # Both networks' losses and gradients are checked before either is updated: a skipped step
         # changes no weight, the autoencoder's included.
         updated, optimizers = finite_gradients(self.opt_ae, g_total), [self.opt_ae]
@@ -218,6 +215,9 @@ class AutoencoderTask(Task):
                 discard_gradients(optimizer)
         values = _values(terms, [reconstructions] + ([codes] if self.usage is not None else []))
         if not updated:
+            if before_restart is not None:   # the restart belonged to the step that is not taken
+                self.model.quantize.embedding.weight.update(jt.array(before_restart[0]))
+                self.usage[:] = before_restart[1]
             values["skipped"] = NON_FINITE
             return values
         if self.usage is not None:
@@ -235,6 +235,14 @@ class AutoencoderTask(Task):
 
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {k: f"{values[k]:.4f}" for k in ("l1_loss", "p_loss", "g_loss") if k in values}
+
+    def proof_value(self, values: Mapping[str, Any]) -> float | None:
+        """The reconstruction loss (L1 + LPIPS): the GAN term may be negative."""
+        value = values.get("rec_loss")
+        return None if value is None else float(value)
+
+    def modules(self) -> list:
+        return [self.model, self.loss.discriminator]
 
 
 def _values(terms: dict[str, Any], also: Sequence[jt.Var] = ()) -> dict[str, float]:

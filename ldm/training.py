@@ -44,7 +44,7 @@ from datasets import NUM_CLASSES, colorize, one_hot, save_image
 from training.loop import (NON_FINITE, LoopConfig, Task, TrainingStopped, batch_indices, checkpoint_to_resume,
                            run, step_rng)
 from training.optim import FusedAdamW
-from training.state import adam_state, load_adam_state, to_uint8
+from training.state import adam_state, load_adam_state, to_uint8, trainable
 from weights.checkpoint import WeightsError, config_from_dict, diffusion_section, load_checkpoint
 from .ema import EMA
 from .guidance import drop_masks
@@ -77,7 +77,7 @@ class TrainConfig:
     sample_count: int = 4
     sample_steps: int = 50          # DDIM steps of the sample images
     seed: int = 0
-    max_bad_steps: int = 10         # non-finite steps in a row that stop the run
+    max_bad_steps: int = 10         # bad steps (non-finite, loss spikes) in a row that stop the run
     flip: bool = True               # draw flipped views from the store
     loss_type: str = "mse"          # SDM/IIDM: plain MSE + unscaled L_vb
     fp16: bool = False              # CUDA only: float16 torso, fp32 master weights, loss scaling
@@ -145,10 +145,6 @@ def draw_batch(store: LatentStore, config: TrainConfig, step: int, num_classes: 
     dropped = drop_masks(masks, config.mask_dropout, rng)
     kept = dropped.reshape(b, -1).any(axis=1)
     return Batch(latents, dropped, labels, t, noise, kept)
-
-
-def trainable(module) -> list[tuple[str, jt.Var]]:
-    return [(name, p) for name, p in module.named_parameters() if not p.is_stop_grad()]
 
 
 # ------------------------------------------------------------------------------ the task
@@ -343,6 +339,11 @@ class LDMTask(Task):
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {"loss": f"{values.get('loss', float('nan')):.4f}", "mse": f"{values.get('mse', float('nan')):.4f}"}
 
+    def proof_value(self, values: Mapping[str, Any]) -> float | None:
+        """The noise-prediction MSE: the hybrid loss's L_vb term is large and noisy near t = 0."""
+        value = values.get("mse", values.get("loss"))
+        return None if value is None else float(value)
+
     # ------------------------------------------------------------------ samples
     def write_samples(self, path: Path, step: int) -> None:
         """A PNG grid: the first items' masks (colourised), their decoded latents, and DDIM samples
@@ -393,7 +394,7 @@ def train(unet, latents: str | os.PathLike | LatentStore, out_dir: str | os.Path
 
     ``decode(latent) -> image in [-1, 1]`` enables the sample images (``RUN_DIR/samples``).
     ``resume``: continue the run in ``out_dir`` (same network config).
-    Raises ``TrainingStopped`` after ``max_bad_steps`` non-finite steps in a row.
+    Raises ``TrainingStopped`` when the guard stops the run (``training.loop``).
     """
     store = latents if isinstance(latents, LatentStore) else LatentStore(latents)
     task = LDMTask(unet, store, config, net_kind=net_kind, decode=decode)

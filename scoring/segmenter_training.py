@@ -25,7 +25,7 @@ from jittor import nn
 from scoring.segmenter import CHECKPOINT_KIND, Segmenter, SegmenterConfig, to_input
 from training.loop import NON_FINITE, LoopConfig, Task, batch_indices, materialize, step_rng
 from training.optim import discard_gradients, finite_gradients
-from training.state import adam_state, load_adam_state
+from training.state import adam_state, load_adam_state, trainable
 from weights.checkpoint import load_weights
 
 
@@ -73,7 +73,7 @@ class SegmenterTask(Task):
         self.model = Segmenter(config)
         materialize(self.model)
         self.model.train()
-        named = [(n, p) for n, p in self.model.named_parameters() if not p.is_stop_grad()]
+        named = trainable(self.model)
         self.names = [n for n, _ in named]
         self.optimizer = nn.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -116,6 +116,9 @@ class SegmenterTask(Task):
 
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {"loss": f"{values['loss']:.4f}", "acc": f"{values['batch_pixel_accuracy']:.3f}"}
+
+    def modules(self) -> list:
+        return [self.model]
 
     def write_samples(self, path: Path, step: int) -> None:
         return None

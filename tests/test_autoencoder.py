@@ -344,7 +344,8 @@ def test_resume_is_bit_exact_discriminator_statistics_included(jt, tmp_path):
 
 def test_a_non_finite_discriminator_loss_skips_the_whole_step(jt, monkeypatch):
     """The discriminator's loss comes after the autoencoder's gradients; when it is not finite the
-    step is skipped and neither network changes (the autoencoder was updated before it, once)."""
+    step is skipped and neither network changes (the autoencoder was updated before it, once), not
+    even the discriminator's BatchNorm running statistics, which its forward passes moved."""
     from autoencoder.losses import LossConfig
     from autoencoder.training import AutoencoderTask, AutoencoderTrainConfig
     from autoencoder.vqmodel import vq_config
@@ -363,11 +364,38 @@ def test_a_non_finite_discriminator_loss_skips_the_whole_step(jt, monkeypatch):
         return total * float("nan"), terms
 
     monkeypatch.setattr(task.loss, "discriminator_loss", nan_loss)
-    values = task.step(1)
+    values = task.checked_step(1)
     assert values["skipped"] == "non_finite"
     after = {**module_arrays(task.model), **{f"disc/{k}": v for k, v in module_arrays(task.loss.discriminator).items()}}
-    changed = [k for k in before if "running" not in k and "num_batches" not in k
-               and not np.array_equal(before[k], after[k])]
+    changed = [k for k in before if not np.array_equal(before[k], after[k])]
     assert not changed, changed[:5]
+    assert any("running_mean" in k for k in before)
     monkeypatch.setattr(task.loss, "discriminator_loss", real)
-    assert "skipped" not in task.step(2)
+    assert "skipped" not in task.checked_step(2)
+    moved = {k for k, v in module_arrays(task.loss.discriminator).items() if not np.array_equal(before[f"disc/{k}"], v)}
+    assert any("running_mean" in k for k in moved)     # a step that is taken does move them
+
+
+def test_a_skipped_step_undoes_its_codebook_restart(jt, monkeypatch):
+    """A codebook restart happens before the forward pass; when that step is then skipped, the
+    codebook and the usage counts are as they were before it."""
+    from autoencoder.losses import LossConfig
+    from autoencoder.training import AutoencoderTask, AutoencoderTrainConfig
+    from autoencoder.vqmodel import vq_config
+
+    rng = np.random.default_rng(1)
+    photos = [rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(4)]
+    task = AutoencoderTask(photos, vq_config("tiny"), LossConfig(disc_start=0),
+                           AutoencoderTrainConfig(height=24, width=32, batch_size=2, lr=1e-3, codebook_restart=2))
+    task.checked_step(0)
+    task.checked_step(1)
+    task.usage[:5] = 0                               # as if five codes were unused: step 2 restarts them
+    codebook, usage = task.model.quantize.embedding.weight.numpy().copy(), task.usage.copy()
+    real = task.loss.discriminator_loss
+    monkeypatch.setattr(task.loss, "discriminator_loss", lambda *a: (real(*a)[0] * float("nan"), real(*a)[1]))
+    assert task.checked_step(2)["skipped"] == "non_finite"
+    np.testing.assert_array_equal(task.model.quantize.embedding.weight.numpy(), codebook)
+    np.testing.assert_array_equal(task.usage, usage)
+    monkeypatch.setattr(task.loss, "discriminator_loss", real)
+    assert task.checked_step(2)["codes_restarted"] == 5.0
+    assert not np.array_equal(task.model.quantize.embedding.weight.numpy()[:5], codebook[:5])

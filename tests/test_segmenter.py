@@ -124,3 +124,28 @@ def test_training_cli_reports_a_bad_root(jt, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["segmenter", "--data", str(tmp_path / "nowhere"), "--output_path", str(tmp_path / "s"), "--cpu"])
     assert "--data" in capsys.readouterr().err
+
+
+def test_a_skipped_step_leaves_the_batchnorm_statistics_alone(jt, train_root, monkeypatch):
+    """A NaN loss skips the step; its forward pass had moved the running statistics, which are put
+    back, so the network is exactly as before (a taken step does move them)."""
+    from jittor import nn
+
+    from datasets import TrainingSet
+    from scoring.segmenter import SegmenterConfig
+    from scoring.segmenter_training import SegmenterTask, SegmenterTrainConfig
+    from weights.checkpoint import module_arrays
+
+    config = SegmenterConfig(widths=tuple(int(w) for w in WIDTHS.split(",")), height=HEIGHT, width=WIDTH)
+    task = SegmenterTask(TrainingSet(train_root, HEIGHT, WIDTH), config, SegmenterTrainConfig(batch_size=4, max_steps=10))
+    assert "skipped" not in task.checked_step(0)
+    before = module_arrays(task.model)
+    real = nn.cross_entropy_loss
+    monkeypatch.setattr(nn, "cross_entropy_loss", lambda *args, **kw: real(*args, **kw) * float("nan"))
+    assert task.checked_step(1)["skipped"] == "non_finite"
+    after = module_arrays(task.model)
+    assert [k for k in before if not np.array_equal(before[k], after[k])] == []
+    monkeypatch.setattr(nn, "cross_entropy_loss", real)
+    assert "skipped" not in task.checked_step(1)
+    moved = [k for k, v in module_arrays(task.model).items() if not np.array_equal(before[k], v)]
+    assert any("running_mean" in k for k in moved) and any("running_mean" not in k for k in moved)

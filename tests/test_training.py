@@ -406,6 +406,29 @@ def test_a_diverged_run_points_at_a_checkpoint_that_resumes(jt, store, tmp_path,
     assert not any(r.get("skipped") for r in records)
 
 
+def test_finite_losses_from_wrecked_weights_do_not_prove_them(jt, store, tmp_path, capsys):
+    """At --lr 100 the losses grow to 1e9 and more while staying finite between NaN steps: none of
+    those finite steps may promote the weights. The run stops naming the step-4 checkpoint, and
+    resuming that with a sane learning rate trains without a bad step."""
+    import train as train_cli
+
+    run = tmp_path / "run"
+    args = ["ldm", "--latents", str(store), "--preset", "tiny", "--output_path", str(run), "--batch_size", "2",
+            "--sample_every", "0", "--cpu"]
+    assert train_cli.main(args + ["--max_steps", "4", "--save_every", "2", "--lr", "1e-3"]) == 0
+    capsys.readouterr()
+    assert train_cli.main(args + ["--resume", "--max_steps", "40", "--save_every", "1", "--lr", "100",
+                                  "--max_bad_steps", "3"]) == 1
+    err = capsys.readouterr().err
+    assert f"the last good checkpoint is {run / 'checkpoints' / 'last.safetensors'} (step 4)" in err, err
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("suspect") == "loss_spike" for r in records[4:])
+    assert train_cli.main(args + ["--resume", "--max_steps", "12", "--lr", "1e-4"]) == 0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert not any(r.get("skipped") or r.get("suspect") for r in records)
+
+
 @pytest.mark.parametrize("stage", ["ldm", "autoencoder"])
 def test_the_seed_fixes_a_whole_run(jt, store, tmp_path, stage):
     """Two fresh runs with one seed write byte-identical checkpoints; another seed differs."""

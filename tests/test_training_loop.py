@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from training.logs import LogError, read_log, repair_log
-from training.loop import (CANDIDATE, DIVERGED, LAST, NON_FINITE, LoopConfig, Task, TrainingStopped, jittor_seed,
+from training.loop import (CANDIDATE, DIVERGED, LAST, LOSS_SPIKE, NON_FINITE, LoopConfig, Task, TrainingStopped, jittor_seed,
                            run, step_rng)
 from weights.checkpoint import load_checkpoint
 
@@ -22,10 +22,11 @@ class Toy(Task):
     kind = "toy"
     name = "toy"
 
-    def __init__(self, lr=0.25, poison=(), wreck=(), seed=0):
+    def __init__(self, lr=0.25, poison=(), wreck=(), seed=0, explode=(), outlier=()):
         self.w = np.zeros(4, np.float32)
         self.target = step_rng(seed, 0, 5).standard_normal(4).astype(np.float32)
         self.lr, self.poison, self.wreck, self.seed = lr, set(poison), set(wreck), seed
+        self.explode, self.outlier = set(explode), set(outlier)
         self.updates = 0
 
     def config(self):
@@ -37,12 +38,16 @@ class Toy(Task):
         loss = float(0.5 * np.sum(grad ** 2))
         if step in self.poison:
             loss = float("nan")
+        if step in self.outlier:
+            loss *= 1000.0          # a batch far harder than the others; the weights are fine
         if not np.isfinite(loss):
             return {"loss": loss, "skipped": NON_FINITE}
         if update:
             self.w = self.w - self.lr * grad
             if step in self.wreck:
                 self.w = np.full(4, np.nan, np.float32)
+            if step in self.explode:
+                self.w = self.w * 1e6   # finite but wrecked, as a learning rate far too large leaves them
             self.updates += 1
         return {"loss": loss}
 
@@ -87,6 +92,49 @@ def test_a_step_that_wrecks_the_weights_never_replaces_the_good_checkpoint(jt, t
     records = read_log(tmp_path / "log.jsonl")
     assert [r["step"] for r in records] == list(range(1, 9))
     assert all(r.get("skipped") is None for r in records)
+
+
+def test_finite_but_wrecked_weights_never_replace_the_good_checkpoint(jt, tmp_path):
+    """Step 4 leaves finite but huge weights; the steps after it alternate NaN with finite losses a
+    million times too large. No finite step from those weights may prove them: the spikes count as
+    bad steps, refute the candidates, and the run stops naming the checkpoint of step 4."""
+    run(Toy(), tmp_path, loop(max_steps=4, save_every=2), progress=False)
+    seen = []
+    with pytest.raises(TrainingStopped) as stopped:
+        run(Toy(explode={4}, poison=range(5, 100, 2)), tmp_path, loop(max_steps=20, save_every=1), resume=True,
+            progress=False, step_hook=lambda step, record: seen.append(record))
+    assert f"the last good checkpoint is {tmp_path / 'checkpoints' / LAST} (step 4)" in str(stopped.value)
+    assert "stopped at step 8: 3 steps in a row had a non-finite loss or gradient or a loss spike" in str(stopped.value)
+    assert [r.get("skipped") or r.get("suspect") for r in seen] == [None, NON_FINITE, LOSS_SPIKE, NON_FINITE]
+    assert seen[2]["loss_ratio"] > 1e6
+    good = ckpt(tmp_path)
+    assert good.step == 4 and np.abs(good.arrays["model/w"]).max() < 10
+    assert not (tmp_path / "checkpoints" / CANDIDATE).exists()
+    result = run(Toy(), tmp_path, loop(max_steps=10), resume=True, progress=False)
+    assert result.step == 10 and result.bad_steps == 0
+
+
+def test_half_of_the_recent_steps_bad_stops_the_run(jt, tmp_path):
+    """Every other step NaN never makes max_bad_steps in a row; half of the last 4 x max_bad_steps
+    steps bad stops the run all the same."""
+    with pytest.raises(TrainingStopped, match=r"stopped at step 12: 6 of the last 12 steps had a non-finite"):
+        run(Toy(poison=range(1, 100, 2)), tmp_path, loop(max_steps=40, save_every=2), progress=False)
+    assert ckpt(tmp_path).step == 10
+
+
+def test_one_outlier_loss_delays_a_checkpoint_but_does_not_stop_the_run(jt, tmp_path):
+    """A single loss 1000 times the median is a spike: the candidate it would have proven is set
+    aside (diverged.safetensors), the next one is proven as usual, and the run finishes."""
+    seen = []
+    result = run(Toy(outlier={6}), tmp_path, loop(max_steps=10, save_every=2), progress=False,
+                 step_hook=lambda step, record: seen.append(record))
+    assert result.step == 10 and ckpt(tmp_path).step == 10 and result.bad_steps == 0
+    assert [r["step"] for r in seen if r.get("suspect") == LOSS_SPIKE] == [7]
+    assert (tmp_path / "checkpoints" / DIVERGED).is_file()
+    assert ckpt(tmp_path).extra["training"]["spikes"] == 1
+    # With the test off nothing is set aside.
+    result = run(Toy(outlier={6}), tmp_path / "off", loop(max_steps=10, save_every=2, spike_factor=0), progress=False)
+    assert not (tmp_path / "off" / "checkpoints" / DIVERGED).exists()
 
 
 def test_no_good_checkpoint_yet_is_said_plainly(jt, tmp_path):

@@ -24,12 +24,18 @@ same way with a probe step that does not update. ``--resume`` continues from the
 it is newer than ``last`` (a run killed between a save and the next step), else from ``last``.
 
 The non-finite guard. A step whose loss or gradient is not finite changes nothing (no update, no
-EMA step, the optimizer's count unchanged) and is logged with ``"skipped": "non_finite"``;
-``max_bad_steps`` of them in a row stop the run: the candidate (which may hold the weights that
-diverged) is set aside as ``diverged.safetensors``, and the error names ``last.safetensors`` and
-its step, from which ``--resume`` with a lower learning rate continues, or says that no good
-checkpoint exists yet. Under MPI every rank runs the steps and makes the same decisions (losses
-and gradients are averaged across ranks); only rank 0 writes.
+EMA step, the optimizer's count unchanged, BatchNorm running statistics restored) and is logged
+with ``"skipped": "non_finite"``. A finite loss is not proof enough: a learning rate far too large
+gives finite losses of 1e9 between NaN steps. So a step whose loss (``Task.proof_value``) exceeds
+``spike_factor`` times the median of the last ``SPIKE_WINDOW`` good steps' is a spike, logged with
+``"suspect": "loss_spike"``: it proves no candidate, and when it is the first step from a
+candidate's weights it refutes that candidate (set aside as ``diverged.safetensors``). Bad steps
+(non-finite or spikes) stop the run when ``max_bad_steps`` come in a row, or when they make half
+of the last ``4 * max_bad_steps`` steps: the candidate (which may hold the weights that diverged) is
+set aside as ``diverged.safetensors``, and the error names ``last.safetensors`` and its step, from
+which ``--resume`` with a lower learning rate continues, or says that no good checkpoint exists
+yet. Under MPI every rank runs the steps and makes the same decisions (losses and gradients are
+averaged across ranks); only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import numpy as np
 
 from datasets.io import atomic_write, remove_stale_temporaries
 from training.logs import LOG_FILE, JsonLog, repair_log
+from training.state import buffers, restore_buffers
 from weights.checkpoint import TRAIN_SUFFIX, WeightsError, load_checkpoint, read_checkpoint_info, save_checkpoint
 
 log = logging.getLogger("iidm.training")
@@ -57,6 +64,9 @@ CANDIDATE = "candidate.safetensors"
 DIVERGED = "diverged.safetensors"
 OPTIONS = "options.json"
 NON_FINITE = "non_finite"
+LOSS_SPIKE = "loss_spike"
+SPIKE_WINDOW = 20        # good steps whose median loss a new loss is compared with
+SPIKE_MIN_HISTORY = 3    # good steps needed before any loss counts as a spike
 
 
 class TrainingStopped(RuntimeError):
@@ -121,8 +131,9 @@ class LoopConfig:
     save_every: int = 1000
     sample_every: int = 0
     keep_every: int = 0           # also keep the weights (and EMA) every N steps as step_NNNNNNN.safetensors
-    max_bad_steps: int = 10       # non-finite steps in a row that stop the run
+    max_bad_steps: int = 10       # bad steps (non-finite or loss spikes) in a row that stop the run
     seed: int = 0
+    spike_factor: float = 10.0    # a loss above this x the median of recent good steps' is a spike (0: no test)
 
     def __post_init__(self):
         for name in ("max_steps", "save_every", "sample_every", "keep_every"):
@@ -130,6 +141,13 @@ class LoopConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps must be >= 1, got {self.max_bad_steps}")
+        if not (self.spike_factor == 0 or self.spike_factor > 1):
+            raise ValueError(f"spike_factor must be 0 (no test) or > 1, got {self.spike_factor}")
+
+    @property
+    def bad_window(self) -> int:
+        """The steps over which half being bad stops the run."""
+        return 4 * self.max_bad_steps
 
 
 class Task:
@@ -151,6 +169,15 @@ class Task:
         task-specific reason that is not a failure, e.g. an fp16 loss-scale overflow)."""
         raise NotImplementedError
 
+    def checked_step(self, step: int, update: bool = True) -> dict[str, Any]:
+        """``step``, with the running statistics of ``modules()`` put back when it updated nothing
+        (skipped, or ``update`` False): their forward pass changed them."""
+        saved = [(var, var.numpy().copy()) for module in self.modules() for var in buffers(module)]
+        values = self.step(step, update=update)
+        if values.get("skipped") is not None or not update:
+            restore_buffers(saved)
+        return values
+
     def state(self) -> dict[str, Any]:
         """Every array of the training state (for the checkpoint)."""
         raise NotImplementedError
@@ -162,6 +189,15 @@ class Task:
     def load(self, arrays: Mapping[str, np.ndarray], counters: Mapping[str, Any], source: str) -> None:
         """Restore the training state written by ``state`` and ``counters``."""
         raise NotImplementedError
+
+    def proof_value(self, values: Mapping[str, Any]) -> float | None:
+        """The logged value that the spike test watches (a positive loss); None: no test."""
+        value = values.get("loss")
+        return None if value is None else float(value)
+
+    def modules(self) -> list:
+        """The task's networks: the running statistics (BatchNorm's) a skipped step must not change."""
+        return []
 
     def kept_weights(self) -> dict[str, Any]:
         """The arrays of a ``keep_every`` snapshot (weights and EMA, no optimizer state)."""
@@ -224,7 +260,9 @@ class _Run:
         self.last, self.candidate = self.folder / LAST, self.folder / CANDIDATE
         self.writer = is_writer()
         self.step = 0
-        self.counters = {"bad_steps": 0, "bad_in_a_row": 0}
+        # The guard's state, saved with every checkpoint: counts, the proof values of the last good
+        # steps (the spike test's reference) and whether each of the last steps was bad.
+        self.counters: dict[str, Any] = {"bad_steps": 0, "bad_in_a_row": 0, "spikes": 0, "history": [], "recent": []}
         self.good_step: int | None = None    # the step of last.safetensors
         self.pending: int | None = None      # the step of the candidate awaiting its proof
 
@@ -240,7 +278,10 @@ class _Run:
         saved = checkpoint.extra["training"]
         task.load(checkpoint.arrays, saved.get("task", {}), str(source))
         self.step = int(checkpoint.extra["step"])
-        self.counters.update({k: int(saved.get(k, 0)) for k in self.counters})
+        for key in ("bad_steps", "bad_in_a_row", "spikes"):
+            self.counters[key] = int(saved.get(key, 0))
+        self.counters["history"] = [float(v) for v in saved.get("history", [])]
+        self.counters["recent"] = [int(v) for v in saved.get("recent", [])]
         if source == self.candidate:
             self.pending = self.step
             self.good_step = load_header_step(self.last) if self.last.is_file() else None
@@ -262,7 +303,8 @@ class _Run:
 
     def save(self, path: Path, arrays: Mapping[str, Any]) -> None:
         if self.writer:
-            extra = {"step": self.step, "training": {**self.counters, "task": self.task.counters()}}
+            counters = {k: list(v) if isinstance(v, list) else v for k, v in self.counters.items()}
+            extra = {"step": self.step, "training": {**counters, "task": self.task.counters()}}
             save_checkpoint(path, arrays, kind=self.task.kind + TRAIN_SUFFIX, config=self.task.config(), extra=extra)
 
     def promote(self) -> None:
@@ -271,38 +313,82 @@ class _Run:
             os.replace(self.candidate, self.last)
         self.good_step, self.pending = self.pending, None
 
-    def stop(self, why: str) -> TrainingStopped:
-        """Set the unproven candidate aside and say where to resume from."""
+    def set_aside(self) -> None:
+        """The unproven candidate becomes diverged.safetensors (never resumed from)."""
         if self.writer and self.candidate.is_file():
             os.replace(self.candidate, self.folder / DIVERGED)
+        self.pending = None
+
+    def stop(self, why: str) -> TrainingStopped:
+        """Set the unproven candidate aside and say where to resume from."""
+        self.set_aside()
         where = (f"the last good checkpoint is {self.last} (step {self.good_step}): resume it with a lower --lr"
                  if self.good_step is not None and self.last.is_file() else
                  "no good checkpoint exists yet: start again with a lower --lr")
         return TrainingStopped(f"stopped at step {self.step}: {why}; {where}")
 
-    def train_step(self) -> dict[str, Any]:
-        """One step of the task, counted by the guard; returns the log record."""
+    def task_step(self, update: bool = True) -> dict[str, Any]:
+        """The task's step at ``self.step``, seeded (``Task.checked_step``)."""
         import jittor as jt
 
-        started = time.perf_counter()
         jt.set_seed(jittor_seed(self.loop.seed, self.step, 1))
-        values = self.task.step(self.step)
-        self.step += 1
-        skipped = values.get("skipped")
+        return self.task.checked_step(self.step, update)
+
+    def spike_ratio(self, values: Mapping[str, Any]) -> float | None:
+        """The step's loss over the median of the recent good steps' when above ``spike_factor``."""
+        value, history = self.task.proof_value(values), self.counters["history"]
+        if not self.loop.spike_factor or value is None or len(history) < SPIKE_MIN_HISTORY:
+            return None
+        median = float(np.median(history))
+        if median > 0 and value > self.loop.spike_factor * median:
+            return value / median
+        return None
+
+    def judge(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Count a step with the guard: a non-finite step or a loss spike is bad; a good step
+        proves the pending candidate, a spike from the candidate's weights refutes it. Returns the
+        values to log (a spike marked ``suspect``)."""
+        skipped, counters = values.get("skipped"), self.counters
+        if skipped is not None and skipped != NON_FINITE:
+            return values          # skipped for a reason that is not a failure (an fp16 overflow)
+        ratio = self.spike_ratio(values) if skipped is None else None
+        bad = skipped == NON_FINITE or ratio is not None
         if skipped == NON_FINITE:
-            self.counters["bad_steps"] += 1
-            self.counters["bad_in_a_row"] += 1
-        elif skipped is None:
-            self.counters["bad_in_a_row"] = 0
+            counters["bad_steps"] += 1
+        elif ratio is not None:
+            counters["spikes"] += 1
+            values = {**values, "suspect": LOSS_SPIKE, "loss_ratio": round(ratio, 3)}
+            if self.pending is not None:
+                log.warning("step %d: a loss %.3g times the median of the last good steps'; the checkpoint of "
+                            "step %d is set aside as %s", self.step, ratio, self.pending, DIVERGED)
+                self.set_aside()
+        else:
+            value = self.task.proof_value(values)
+            if value is not None:
+                counters["history"] = (counters["history"] + [value])[-SPIKE_WINDOW:]
             if self.pending is not None:
                 self.promote()
+        counters["bad_in_a_row"] = counters["bad_in_a_row"] + 1 if bad else 0
+        counters["recent"] = (counters["recent"] + [int(bad)])[-self.loop.bad_window:]
+        return values
+
+    def train_step(self) -> dict[str, Any]:
+        """One step of the task, counted by the guard; returns the log record."""
+        started = time.perf_counter()
+        values = self.task_step()
+        self.step += 1
+        values = self.judge(values)
         return {"step": self.step, **values, "bad_steps": self.counters["bad_steps"],
                 "seconds": round(time.perf_counter() - started, 4)}
 
     def check_guard(self, record: Mapping[str, Any]) -> None:
-        if self.counters["bad_in_a_row"] >= self.loop.max_bad_steps:
-            raise self.stop(f"{self.counters['bad_in_a_row']} steps in a row had a non-finite loss or gradient "
+        in_a_row, recent = self.counters["bad_in_a_row"], self.counters["recent"]
+        if in_a_row >= self.loop.max_bad_steps:
+            raise self.stop(f"{in_a_row} steps in a row had a non-finite loss or gradient or a loss spike "
                             f"(last loss {record.get('loss')})")
+        if sum(recent) >= self.loop.bad_window // 2:
+            raise self.stop(f"{sum(recent)} of the last {len(recent)} steps had a non-finite loss or gradient or "
+                            f"a loss spike (last loss {record.get('loss')})")
 
     def after_step(self) -> None:
         """The kept weights, the samples and the candidate due at this step, in that order: a run
@@ -321,15 +407,16 @@ class _Run:
     def finish(self) -> None:
         """Save the final state unless it is saved, and prove it with a probe step: nothing trains
         from the final weights, so a step that does not update checks them."""
-        import jittor as jt
-
         if self.pending != self.step and self.good_step != self.step:
             self.save(self.candidate, self.task.state())
             self.pending = self.step
         if self.pending is not None:
-            jt.set_seed(jittor_seed(self.loop.seed, self.step, 1))
-            if self.task.step(self.step, update=False).get("skipped") == NON_FINITE:
+            values = self.task_step(update=False)
+            if values.get("skipped") == NON_FINITE:
                 raise self.stop("the final weights give a non-finite loss or gradient")
+            ratio = self.spike_ratio(values)
+            if ratio is not None:
+                raise self.stop(f"the final weights give a loss {ratio:.3g} times the median of the last good steps'")
             self.promote()
 
 

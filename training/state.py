@@ -1,4 +1,5 @@
-"""Optimizer state in and out of checkpoints, and image conversion for sample grids.
+"""The state of a training beside its weights: which arrays are trained and which are running
+statistics, optimizer state in and out of checkpoints, and image conversion for sample grids.
 
 Jittor's ``Adam``/``AdamW`` and ``training.optim.FusedAdam`` (which the training loops use) keep
 their moments in ``param_groups[0]["m"]`` and ``["values"]`` and the bias-correction count in
@@ -13,6 +14,27 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from weights.checkpoint import WeightsError
+
+
+def trainable(module) -> list[tuple[str, Any]]:
+    """The (name, Var) pairs of a module that training updates (Jittor lists stop-grad Vars too)."""
+    return [(name, var) for name, var in module.named_parameters() if not var.is_stop_grad()]
+
+
+def buffers(module) -> list[Any]:
+    """The Vars of a module that its forward pass updates but no optimizer does (BatchNorm's
+    running mean and variance)."""
+    return [var for _, var in module.named_parameters() if var.is_stop_grad()]
+
+
+def restore_buffers(saved: Sequence[tuple[Any, np.ndarray]]) -> None:
+    """Put back (Var, value) pairs taken before a step whose update was not taken."""
+    import jittor as jt
+
+    for var, value in saved:
+        var.update(jt.array(value))
+    if saved:
+        jt.sync([var for var, _ in saved])
 
 
 def adam_state(optimizer, names: Sequence[str]) -> dict[str, Any]:
