@@ -307,6 +307,12 @@ def test_a_full_disk_names_the_file(jt, tmp_path, monkeypatch):
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
 
+def test_a_full_disk_while_logging_names_the_log(jt, tmp_path):
+    (tmp_path / "log.jsonl").symlink_to("/dev/full")      # every write to it fails with ENOSPC
+    with pytest.raises(OSError, match=rf"{tmp_path / 'log.jsonl'}: No space left on device"):
+        run(Toy(), tmp_path, loop(max_steps=2), progress=False)
+
+
 # ------------------------------------------------------------------------------ logs
 def test_log_records_are_strict_json_with_null_for_non_finite(jt, tmp_path):
     run(Toy(poison={1}), tmp_path, loop(max_steps=3), progress=False)

@@ -77,12 +77,25 @@ class JsonLog:
     """Appends strict-JSON records to a log file (nothing when ``path`` is None: MPI ranks > 0)."""
 
     def __init__(self, path: str | os.PathLike | None):
-        self.file = None if path is None else open(path, "a", encoding="utf-8")
+        self.path = path
+        try:
+            self.file = None if path is None else open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise OSError(exc.errno, f"{path}: {exc.strerror}") from exc
 
     def write(self, record: Mapping[str, Any]) -> None:
+        """Append one record and flush it; an error (a full disk) names the log file."""
         if self.file is not None:
-            self.file.write(json.dumps(strict(dict(record)), allow_nan=False) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(strict(dict(record)), allow_nan=False) + "\n")
+                self.file.flush()
+            except OSError as exc:
+                file, self.file = self.file, None
+                try:
+                    file.close()      # flushes again, and fails again: the error above is the one to report
+                except OSError:
+                    pass
+                raise OSError(exc.errno, f"{self.path}: {exc.strerror}") from exc
 
     def close(self) -> None:
         if self.file is not None:
