@@ -1,15 +1,17 @@
 """Benchmark (not a test): VQ-f4 encode + decode throughput at 512x384 (height 384, width 512).
 
     python -m bench.bench_autoencoder [--preset vq-f4] [--height 384 --width 512] [--batch_size 1]
-                                      [--repeats 3] [--warmup 1] [--device all|cpu|cuda]
+                                      [--repeats 3] [--warmup 1] [--cpu]
 
 One iteration = encode, then decode (which quantizes first), synchronised, without gradients.
 The weights are random: the work done does not depend on them. Prints images per second on the
-CPU and, when a GPU is usable, on CUDA.
+CPU and, when a GPU is usable, on CUDA; with ``--cpu``, as every entry point, on the CPU only.
+(``--device all|cpu|cuda``, the option of earlier versions, is still accepted.)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -35,7 +37,7 @@ def run(jt, model, image: np.ndarray, iterations: int, warmup: int) -> tuple[flo
     return image.shape[0] * len(times) / sum(times), times
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="vq-f4")
     parser.add_argument("--height", type=int, default=384)
@@ -44,9 +46,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", dest="iterations", type=int, default=3)
     parser.alias("--iterations", "--repeats")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all", help=argparse.SUPPRESS)
     jittor_env.add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     jt = jittor_env.setup(force_cpu=args.cpu or args.device == "cpu", verbose=args.verbose)
     from autoencoder.vqmodel import VQModel, vq_config
 

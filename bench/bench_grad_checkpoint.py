@@ -1,8 +1,11 @@
 """Peak memory and time of one U-Net training step, plain and with gradient checkpointing.
 
     python -m bench.bench_grad_checkpoint                                  # demo, 96x128, batch 4
-    python -m bench.bench_grad_checkpoint --preset iidm --height 24 --width 32 --batch_size 1
-    python -m bench.bench_grad_checkpoint --preset iidm --batch_size 4 --cuda   # on a GPU machine
+    python -m bench.bench_grad_checkpoint --preset iidm --height 24 --width 32 --batch_size 1 --cpu
+    python -m bench.bench_grad_checkpoint --preset iidm --batch_size 4     # on a GPU machine
+
+On the GPU when one is usable, as every entry point (``--cpu``: on the CPU; ``--cuda``, the
+spelling of earlier versions, is still accepted and changes nothing).
 
 Each mode runs in a fresh process (so one cannot profit from the other's allocations): a few
 steps of the hybrid loss and the gradients of every parameter, as the training loop computes them
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import cli
+import jittor_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,9 +40,7 @@ def _status_mib(key: str) -> float:
 
 def worker(args) -> None:
     os.environ["profile_memory_enable"] = "1"
-    import jittor_env
-
-    jt = jittor_env.setup(force_cpu=not args.cuda)
+    jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     import numpy as np
 
     from ldm import make_schedule
@@ -62,7 +64,7 @@ def worker(args) -> None:
     for step in range(args.steps):
         jt.sync_all(True)
         jt.gc()
-        if not args.cuda:
+        if not jt.flags.use_cuda:
             open("/proc/self/clear_refs", "w").write("5")   # reset the peak RSS
         before = _status_mib("VmRSS")
         started = time.perf_counter()
@@ -83,14 +85,14 @@ def worker(args) -> None:
         record = {"preset": args.preset, "mode": args.mode, "batch": args.batch, "height": args.height,
                   "width": args.width, "device": "cuda" if jt.flags.use_cuda else "cpu",
                   "jittor_peak_MiB": round(peak_var, 1),
-                  "rss_peak_growth_MiB": None if args.cuda else round(_status_mib("VmHWM") - before, 1),
+                  "rss_peak_growth_MiB": None if jt.flags.use_cuda else round(_status_mib("VmHWM") - before, 1),
                   "seconds": round(seconds, 3), "loss": float(loss.item()),
                   "grad_sq": float(sum(float((g * g).sum().item()) for g in grads))}
         del terms, loss, grads
     print("RESULT " + json.dumps(record), flush=True)
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--height", type=int, default=96)
@@ -98,9 +100,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", dest="batch", type=int, default=4)
     parser.alias("--batch", "--batch_size")
     parser.add_argument("--steps", type=int, default=2, help="steps per mode; the last one is reported")
-    parser.add_argument("--cuda", action="store_true", help="run on the GPU (default: the CPU)")
+    jittor_env.add_arguments(parser)
+    parser.add_argument("--cuda", dest="cpu", action="store_false", default=False, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=("plain", "checkpoint"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.mode:
         worker(args)
         return 0
@@ -108,7 +115,7 @@ def main(argv=None) -> int:
     for mode in ("plain", "checkpoint"):
         command = [sys.executable, "-m", "bench.bench_grad_checkpoint", "--mode", mode, "--preset", args.preset, "--height", str(args.height),
                    "--width", str(args.width), "--batch_size", str(args.batch), "--steps", str(args.steps)]
-        command += ["--cuda"] if args.cuda else []
+        command += (["--cpu"] if args.cpu else []) + (["--verbose"] if args.verbose else [])
         done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
         if done.returncode or not lines:
