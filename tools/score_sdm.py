@@ -67,73 +67,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     check_options(parser, args)
     jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
-    import numpy as np
-    from PIL import Image
-
     from datasets import DataError
-    from datasets.io import IMAGE_SUFFIXES, atomic_write, load_image
-    from datasets.sdm import sdm_dataset
-    from datasets.transforms import resize_image, resize_label
-    from scoring.sdm_metrics import confusion_matrix, mean_iou, pixel_diversity
-    from synthesis.sdm import label_path, output_path
+    from datasets.io import atomic_write
+    from scoring.sdm_evaluation import SampledRun, score_sdm_results
     from weights.checkpoint import WeightsError
 
-    results = Path(args.results)
-    run = json.loads((results / "sdm.json").read_text())
-    dataset, count = sdm_dataset(run["dataset"]), int(run["num_samples"])
-    scores: dict = {"results": str(results), "dataset": dataset.name, "masks": len(run["names"]),
-                    "samples_per_mask": count, "skipped": {}}
+    sampled = SampledRun.read(args.results)
     try:
-        samples = []
-        for name in run["names"]:
-            paths = [output_path(results, name, k) for k in range(count)]
-            missing = [p.name for p in paths if not p.is_file()]
-            if missing:
-                raise DataError(f"{results}: samples missing for {name}: {', '.join(missing)} (run sample_sdm.py "
-                                "again with the same options to finish)")
-            samples.append([load_image(p) for p in paths])
-        labels = [np.asarray(Image.open(label_path(results, n)), np.int64) for n in run["names"]]
-        if count >= 2:
-            scores["pixel_diversity"] = float(np.mean([pixel_diversity(s) for s in samples]))
-        else:
-            scores["skipped"]["diversity"] = "one sample per mask"
-        if args.lpips_alex and count >= 2:
-            from scoring.lpips_alex import load_lpips_alex, mean_pairwise_lpips
-
-            model = load_lpips_alex(args.lpips_alex, args.lpips_heads)
-            scores["lpips_diversity"] = float(np.mean([mean_pairwise_lpips(model, s) for s in samples]))
-        elif count >= 2:
-            scores["skipped"]["lpips_diversity"] = "no LPIPS weights (--lpips_alex, --lpips_heads)"
-        if args.segmenter:
-            from scoring.segmenter import load_segmenter, predict_labels
-
-            segmenter = load_segmenter(args.segmenter)
-            config = segmenter.config
-            if config.num_classes != dataset.num_classes:
-                raise WeightsError(f"{args.segmenter}: segments {config.num_classes} classes, {dataset.name} has "
-                                   f"{dataset.num_classes}")
-            confusion = np.zeros((dataset.num_classes,) * 2, np.int64)
-            for images, label in zip(samples, labels):
-                predicted = predict_labels(segmenter, resize_image(images[0], config.height, config.width)[None])[0]
-                predicted = resize_label(predicted, *label.shape)
-                confusion += confusion_matrix(predicted, label, dataset.num_classes, ignore=dataset.other)
-            scores["miou"] = mean_iou(confusion)[0]
-        else:
-            scores["skipped"]["miou"] = "no segmenter (--segmenter)"
-        if args.inception:
-            from scoring.fid import activation_statistics, frechet_distance, inception_features, load_inception
-
-            real = sorted(p for p in Path(args.real).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            features = inception_features(load_inception(args.inception))
-            mu_real, sigma_real = activation_statistics(real, features)
-            mu_fake, sigma_fake = activation_statistics([output_path(results, n, 0) for n in run["names"]], features)
-            scores["fid"] = frechet_distance(mu_fake, sigma_fake, mu_real, sigma_real)
-        else:
-            scores["skipped"]["fid"] = "no --real photos and --inception weights"
+        scores = score_sdm_results(sampled, args.real, args.inception, args.segmenter, args.lpips_alex,
+                                   args.lpips_heads)
     except (ValueError, OSError, DataError, WeightsError) as exc:
         print(f"score_sdm: {exc}", file=sys.stderr)
         return 1
-    with atomic_write(Path(args.json) if args.json else results / "scores.json", "w", encoding="utf-8") as f:
+    with atomic_write(Path(args.json) if args.json else sampled.folder / "scores.json", "w", encoding="utf-8") as f:
         json.dump(scores, f, indent=1)
     for key in ("fid", "miou", "lpips_diversity", "pixel_diversity"):
         if key in scores:
