@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 import cli
 import jittor_env
@@ -44,7 +43,8 @@ def build_parser() -> cli.ArgumentParser:
     common.add_argument("--output_path", help="run folder (options, log, samples, checkpoints)")
     common.add_argument("--resume", action="store_true",
                         help="continue the run in --output_path from its newest good checkpoint, with its "
-                             "stored options except those given again")
+                             "stored options except those given again (those that would change the network, its "
+                             "latent scale or the data view are refused)")
     common.add_argument("--preset", help="architecture (autoencoder: vq-f4 (default), small, tiny; ldm: iidm "
                                          "(default), demo, tiny); on --resume the run's own")
     common.add_argument("--batch_size", type=int, help="autoencoder default 8; ldm 5 (global); segmenter 8")
@@ -157,10 +157,21 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
         for name, why in (("preset", "its architecture is --widths"), ("sample_every", "it writes no samples")):
             if getattr(args, name) is not None:
                 parser.error(f"--{name}: not an option of the segmenter stage ({why})")
+    if args.stage == "sdm" and not args.resume:
+        from datasets.sdm import sdm_dataset
+
+        conventions = sdm_dataset(args.dataset or "landscape")
+        height, width = args.height or conventions.height, args.width or conventions.width
+        if sdm_random_crop(args) and height != width:
+            parser.error(f"--random_crop on takes square sizes (SDM crops only its square datasets); the size is "
+                         f"{height}x{width}")
     if args.mask_dropout is not None and not 0.0 <= args.mask_dropout <= 1.0:
         parser.error(f"--mask_dropout must be in [0, 1], got {args.mask_dropout}")
     if args.ema_decay is not None and not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.latent_scale is not None and (args.resume or args.init):
+        parser.error(f"--latent_scale cannot change {'when resuming' if args.resume else 'with --init'}: the network "
+                     "learnt its scale, which the run keeps")
     if args.latent_scale is not None and args.latent_scale != "auto":
         try:
             value = float(args.latent_scale)
@@ -168,6 +179,13 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
             parser.error(f"--latent_scale must be a number or 'auto', got {args.latent_scale!r}")
         if not (value > 0 and value != float("inf")):
             parser.error(f"--latent_scale must be a finite number > 0, got {args.latent_scale}")
+
+
+def sdm_random_crop(args) -> bool:
+    """Whether a new sdm run crops: --random_crop, else SDM's choice for the dataset."""
+    if args.random_crop is not None:
+        return args.random_crop == "on"
+    return (args.dataset or "landscape") in ("ade20k", "celeba", "coco")
 
 
 def check_with_jittor(parser: cli.ArgumentParser, args, jt) -> None:
@@ -183,6 +201,75 @@ def check_with_jittor(parser: cli.ArgumentParser, args, jt) -> None:
             parser.error(f"--preset {args.preset}: not an autoencoder preset; choose one of {', '.join(PRESETS)}")
     if args.fp16 and not jt.flags.use_cuda:
         parser.error("--fp16 needs CUDA (on the CPU float16 is hundreds of times slower); leave it out")
+    from weights.checkpoint import WeightsError
+
+    try:
+        if args.init:
+            check_init(args)
+        if args.resume:
+            check_resume(args)
+    except (ValueError, WeightsError) as exc:
+        parser.error(str(exc))
+
+
+RUN_KIND = {"autoencoder": "vqmodel", "ldm": "unet", "sdm": "unet", "segmenter": "segmenter"}
+RUN_SECTIONS = {"autoencoder": ("network", "loss", "train"), "ldm": ("network", "diffusion", "train", "latents"),
+                "sdm": ("network", "diffusion", "train", "data", "dataset", "size"), "segmenter": ("network", "train", "data")}
+
+
+def check_init(args) -> None:
+    """The --init checkpoint's header agrees with the run: its kind (and diffusion space) and, when
+    --preset is given too, its network."""
+    from weights.checkpoint import load_checkpoint
+
+    if args.stage == "autoencoder":
+        from autoencoder.vqmodel import VQConfig, vq_config
+
+        start = load_checkpoint(args.init, "vqmodel", header_only=True)
+        if start.network_config(VQConfig) != vq_config(args.preset or "vq-f4"):
+            raise ValueError(f"--init {args.init} holds another autoencoder than --preset {args.preset or 'vq-f4'}; "
+                             "give the preset it was trained with")
+    else:
+        init_network(args, "latent" if args.stage == "ldm" else "pixel")
+
+
+def check_resume(args) -> None:
+    """A resumed run keeps its network, data view and latent scale: options that would change
+    them are refused, never ignored. A run that cannot be read is left to the stage to report."""
+    from training.loop import stored_run
+    from weights.checkpoint import WeightsError
+
+    try:
+        source, stored = stored_run(args.output_path, RUN_KIND[args.stage], RUN_SECTIONS[args.stage])
+    except (OSError, WeightsError):
+        return
+    network = stored["network"]
+    if args.preset is not None:
+        if args.stage == "autoencoder":
+            from autoencoder.vqmodel import vq_config
+
+            preset = vq_config(args.preset).to_dict()
+        else:
+            from models import unet_preset
+
+            preset = unet_preset(args.preset, use_fp16=bool(network.get("use_fp16", False))).to_dict()
+        if preset != network:
+            raise ValueError(f"--preset {args.preset}: {source} trains another network; a resumed run keeps its "
+                             "own, leave --preset out")
+    kept = {}
+    if args.stage == "segmenter":
+        kept = {"widths": (args.widths and tuple(int(w) for w in args.widths.split(",")), tuple(network["widths"])),
+                "height": (args.height, network["height"]), "width": (args.width, network["width"])}
+    elif args.stage == "sdm":
+        crop = bool(stored.get("random_crop", False))    # absent: written before crops existed
+        kept = {"dataset": (args.dataset, stored["dataset"]), "height": (args.height, stored["size"]["height"]),
+                "width": (args.width, stored["size"]["width"]),
+                "random_crop": (args.random_crop, "on" if crop else "off")}
+    for name, (given, value) in kept.items():
+        if given is not None and given != value:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ValueError(f"--{name} {getattr(args, name)}: {source} was trained with --{name} {shown}; a "
+                             f"resumed run keeps it, leave --{name} out")
 
 
 def given_options(args, names) -> dict:
@@ -198,8 +285,6 @@ def autoencoder_stage(args) -> str:
 
     if args.resume:
         model_config, loss_config, train_config = stored_configs(args.output_path)
-        if args.preset and vq_config(args.preset) != model_config:
-            raise ValueError(f"{args.output_path} trains another autoencoder than --preset {args.preset}; leave it out")
     else:
         model_config, loss_config, train_config = vq_config(args.preset or "vq-f4"), LossConfig(), AutoencoderTrainConfig()
     if args.disc_start is not None:
@@ -243,15 +328,16 @@ def latent_scale_option(text: str, store) -> float:
         raise ValueError(f"--latent_scale must be a number or 'auto', got {text!r}") from None
 
 
-def init_checkpoint(args, space: str):
-    """The --init checkpoint of a new ldm ("latent") or sdm ("pixel") run and the network config it
-    fixes; refused when it is the other kind of diffusion model or another network than --preset."""
+def init_network(args, space: str):
+    """The network config fixed by the --init checkpoint of a new ldm ("latent") or sdm ("pixel")
+    run, from the file's header; refused when it is the other kind of diffusion model or another
+    network than --preset."""
     from dataclasses import replace
 
     from models import UNetConfig, unet_preset
     from weights.checkpoint import load_checkpoint
 
-    start = load_checkpoint(args.init, "unet")
+    start = load_checkpoint(args.init, "unet", header_only=True)
     if start.diffusion["space"] != space:
         raise ValueError(f"--init {args.init}: a {start.diffusion['space']}-space U-Net, not a {space}-space one "
                          f"(the {args.stage} stage)")
@@ -259,7 +345,15 @@ def init_checkpoint(args, space: str):
     if args.preset and unet_preset(args.preset, use_fp16=args.fp16) != unet_config:
         raise ValueError(f"--init {args.init} holds another network than --preset {args.preset}; leave "
                          "--preset out (the run takes the checkpoint's architecture)")
-    return start, unet_config
+    return unet_config
+
+
+def init_checkpoint(args, space: str):
+    """The --init checkpoint of a new ldm or sdm run (arrays read) and the network config it fixes."""
+    from weights.checkpoint import load_checkpoint
+
+    unet_config = init_network(args, space)
+    return load_checkpoint(args.init, "unet"), unet_config
 
 
 def seeded_unet(unet_config, seed: int, init: str | None = None, start=None, note: str = ""):
@@ -289,12 +383,11 @@ def ldm_stage(args) -> str:
     from ldm.latents import LatentStore
     from ldm.training import TrainConfig, stored_config, train
     from models import UNetConfig, unet_preset
+    from weights.checkpoint import config_from_dict
 
     if args.resume:
         unet_values, config, stored_latents = stored_config(args.output_path)
-        unet_config = UNetConfig.from_dict(unet_values)
-        if args.preset and unet_preset(args.preset, use_fp16=unet_config.use_fp16) != unet_config:
-            raise ValueError(f"{args.output_path} trains another network than --preset {args.preset}; leave it out")
+        unet_config = config_from_dict(UNetConfig, unet_values, complete=True, source=f"{args.output_path} (network)")
     elif args.init:
         start, unet_config = init_checkpoint(args, "latent")
         config, stored_latents = TrainConfig(schedule=start.diffusion["schedule"],
@@ -306,9 +399,6 @@ def ldm_stage(args) -> str:
     given = given_options(args, COMMON + ("mask_dropout", "ema_decay", "grad_accum"))
     given.update({flag: True for flag in ("fp16", "grad_checkpoint") if getattr(args, flag)})
     if args.latent_scale is not None:
-        if args.resume or args.init:
-            raise ValueError(f"--latent_scale cannot change {'when resuming' if args.resume else 'with --init'}: "
-                             "the network learnt its scale")
         given["latent_scale"] = latent_scale_option(args.latent_scale, store)
     config = replace(config, **given)
     decode = sample_decoder(store, args.vq) if config.sample_every else None
@@ -322,35 +412,22 @@ def sdm_stage(args) -> str:
 
     from datasets.sdm import SDMFolder, sdm_dataset
     from ldm.pixel_training import PHASES, train
-    from ldm.training import TrainConfig
+    from ldm.training import TrainConfig, stored_train_config
     from models import UNetConfig, unet_preset
-    from training.loop import checkpoint_to_resume
-    from weights.checkpoint import load_checkpoint
+    from training.loop import stored_run, stored_section
 
     if args.resume:
-        source = checkpoint_to_resume(Path(args.output_path))
-        if source is None:
-            raise FileNotFoundError(f"{args.output_path}: nothing to resume")
-        stored = load_checkpoint(source, "unet").config
-        if "dataset" not in stored:
-            raise ValueError(f"{source}: not an SDM training checkpoint")
-        unet_config = UNetConfig.from_dict(stored["network"])
-        config, data = TrainConfig.from_dict(stored["train"]), stored["data"]
+        source, stored = stored_run(args.output_path, "unet", RUN_SECTIONS["sdm"])
+        unet_config = stored_section(UNetConfig, stored, "network", source)
+        config, data = stored_train_config(stored, source), stored["data"]
         dataset, size = stored["dataset"], stored["size"]
         height, width, data = size["height"], size["width"], args.data or data
         random_crop = bool(stored.get("random_crop", False))   # absent: written before crops existed
-        if args.random_crop is not None and (args.random_crop == "on") != random_crop:
-            raise ValueError(f"{source}: the run was trained with --random_crop {'on' if random_crop else 'off'}; "
-                             f"a resumed run keeps its data view")
     else:
         dataset = args.dataset or "landscape"
         conventions = sdm_dataset(dataset)
         height, width, data = args.height or conventions.height, args.width or conventions.width, args.data
-        random_crop = (args.random_crop == "on" if args.random_crop is not None
-                       else dataset in ("ade20k", "celeba", "coco"))
-        if random_crop and height != width:
-            raise ValueError(f"--random_crop on takes square sizes (SDM crops only its square datasets); the "
-                             f"size is {height}x{width}")
+        random_crop = sdm_random_crop(args)
         if args.init:
             start, unet_config = init_checkpoint(args, "pixel")
             config = TrainConfig(schedule=start.diffusion["schedule"])
@@ -376,16 +453,12 @@ def segmenter_stage(args) -> str:
     from datasets import TrainingSet
     from scoring.segmenter import SegmenterConfig
     from scoring.segmenter_training import SegmenterTask, SegmenterTrainConfig
-    from training.loop import checkpoint_to_resume, run, seed_everything
-    from weights.checkpoint import load_checkpoint
+    from training.loop import run, seed_everything, stored_run, stored_section
 
     if args.resume:
-        source = checkpoint_to_resume(Path(args.output_path))
-        if source is None:
-            raise FileNotFoundError(f"{args.output_path}: nothing to resume")
-        stored = load_checkpoint(source, "segmenter").config
-        net_config = SegmenterConfig.from_dict(stored["network"])
-        cfg, data = SegmenterTrainConfig(**stored["train"]), args.data or stored["data"]
+        source, stored = stored_run(args.output_path, "segmenter")
+        net_config = stored_section(SegmenterConfig, stored, "network", source)
+        cfg, data = stored_section(SegmenterTrainConfig, stored, "train", source), args.data or stored["data"]
     else:
         widths = tuple(int(w) for w in (args.widths or "32,64,128,256,256").split(","))
         net_config = SegmenterConfig(widths=widths, height=args.height or 384, width=args.width or 512)

@@ -48,8 +48,8 @@ from autoencoder.losses import LossConfig, VQLPIPSWithDiscriminator
 from autoencoder.lpips import load_lpips
 from autoencoder.vqmodel import KIND, TRAINING_PREFIX, VQConfig, VQModel, vq_config
 from datasets import TrainingSet, save_image
-from training.loop import (NON_FINITE, LoopConfig, Task, batch_indices, checkpoint_to_resume, materialize, run,
-                           seed_everything, step_rng)
+from training.loop import (NON_FINITE, LoopConfig, Task, batch_indices, materialize, run, seed_everything, step_rng,
+                           stored_run, stored_section)
 from training.optim import FusedAdam, discard_gradients, finite_gradients
 from training.state import adam_state, load_adam_state, to_uint8, trainable
 from weights.checkpoint import WeightsError, load_checkpoint, load_weights
@@ -252,24 +252,12 @@ def _values(terms: dict[str, Any], also: Sequence[jt.Var] = ()) -> dict[str, flo
 
 
 # ------------------------------------------------------------------------------ entry points
-def stored_run(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The configuration stored in a run's newest checkpoint."""
-    path = checkpoint_to_resume(Path(out_dir))
-    if path is None:
-        raise FileNotFoundError(f"{Path(out_dir) / 'checkpoints'}: nothing to resume")
-    checkpoint = load_checkpoint(path, KIND)
-    if not checkpoint.training or "train" not in checkpoint.config:
-        raise WeightsError(f"{path}: not an autoencoder training checkpoint of this version; start a new run "
-                           "from its weights with --init")
-    return checkpoint.config
-
-
 def stored_configs(out_dir: str | os.PathLike) -> tuple[VQConfig, LossConfig, AutoencoderTrainConfig]:
     """The model, loss and training configs stored in a run's checkpoint (to resume with the same
-    options without repeating them)."""
-    config = stored_run(out_dir)
-    return (VQConfig.from_dict(config["network"]), LossConfig(**config["loss"]),
-            AutoencoderTrainConfig(**config["train"]))
+    options without repeating them), every field required."""
+    path, config = stored_run(out_dir, KIND, ("network", "loss", "train"))
+    return (stored_section(VQConfig, config, "network", path), stored_section(LossConfig, config, "loss", path),
+            stored_section(AutoencoderTrainConfig, config, "train", path))
 
 
 def train_autoencoder(data: str | os.PathLike | Sequence, out_dir: str | os.PathLike,
@@ -287,7 +275,7 @@ def train_autoencoder(data: str | os.PathLike | Sequence, out_dir: str | os.Path
     if resume and model_config is None:
         model_config = stored_configs(out_dir)[0]
     if resume and data is None:
-        data = stored_run(out_dir)["data"]
+        data = stored_run(out_dir, KIND)[1]["data"]
     model_config = model_config or vq_config("vq-f4")
     if (lpips_vgg is None) != (lpips_heads is None):
         raise ValueError("LPIPS needs both weight files: --lpips_vgg (VGG16) and --lpips_heads (linear heads)")

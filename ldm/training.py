@@ -41,11 +41,11 @@ import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 
 from datasets import NUM_CLASSES, colorize, one_hot, save_image
-from training.loop import (NON_FINITE, LoopConfig, Task, TrainingStopped, batch_indices, checkpoint_to_resume,
-                           run, step_rng)
+from training.loop import (NON_FINITE, LoopConfig, Task, TrainingStopped, batch_indices, run, step_rng,
+                           stored_run, stored_section)
 from training.optim import FusedAdamW
 from training.state import adam_state, load_adam_state, to_uint8, trainable
-from weights.checkpoint import WeightsError, config_from_dict, diffusion_section, load_checkpoint
+from weights.checkpoint import WeightsError, check_diffusion, config_from_dict, diffusion_fix, diffusion_section
 from .ema import EMA
 from .guidance import drop_masks
 from .latents import LatentStore
@@ -375,14 +375,18 @@ class LDMTask(Task):
 # ------------------------------------------------------------------------------ entry points
 def stored_config(run_dir: str | os.PathLike) -> tuple[dict[str, Any], TrainConfig, str]:
     """(network config, training config, latent store path) of the run in ``run_dir``."""
-    path = checkpoint_to_resume(Path(run_dir))
-    if path is None:
-        raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'}: nothing to resume")
-    checkpoint = load_checkpoint(path, "unet")
-    if not checkpoint.training or "train" not in checkpoint.config:
-        raise WeightsError(f"{path}: not an LDM training checkpoint (kind {checkpoint.file_kind!r})")
-    config = checkpoint.config
-    return dict(config["network"]), TrainConfig.from_dict(config["train"]), str(config["latents"])
+    path, config = stored_run(run_dir, "unet", ("network", "diffusion", "train", "latents"))
+    return dict(config["network"]), stored_train_config(config, path), str(config["latents"])
+
+
+def stored_train_config(config: Mapping[str, Any], source: str | os.PathLike) -> TrainConfig:
+    """A stored run's TrainConfig, every field required, with the schedule and latent scale of its
+    diffusion section: the ones the network learnt, which a resumed run keeps."""
+    diffusion = check_diffusion(config.get("diffusion"), str(source), diffusion_fix(True, str(source)))
+    train = {**config["train"], "schedule": diffusion["schedule"]}
+    if "latent_scale" in diffusion:
+        train["latent_scale"] = diffusion["latent_scale"]
+    return stored_section(TrainConfig, {**config, "train": train}, "train", source)
 
 
 def train(unet, latents: str | os.PathLike | LatentStore, out_dir: str | os.PathLike,

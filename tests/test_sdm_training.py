@@ -89,9 +89,17 @@ def test_random_crops_per_step_and_resume_keeps_them(tiny_data, tmp_path, capsys
     assert load_checkpoint(run / "checkpoints" / "last.safetensors", "unet").config["random_crop"] is True
     resume = ["sdm", "--resume", "--max_steps", "2", "--output_path", str(run), "--cpu"]
     capsys.readouterr()
-    assert train.main(resume + ["--random_crop", "off"]) != 0                 # a resumed run keeps its view
-    assert "trained with --random_crop on" in capsys.readouterr().err
-    assert train.main(resume) == 0
-    assert train.main(["sdm", "--data", str(tiny_data), "--height", "8", "--width", "12", "--random_crop", "on",
-                       "--preset", "tiny", "--output_path", str(tmp_path / "wide"), "--cpu"]) != 0
-    assert "takes square sizes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:                                 # a resumed run keeps its view
+        train.main(resume + ["--random_crop", "off"])
+    assert exit_.value.code == 2 and "trained with --random_crop on" in capsys.readouterr().err
+    for bad, message in ((["--dataset", "ade20k"], "trained with --dataset landscape"),
+                         (["--height", "16"], "trained with --height 8"),
+                         (["--preset", "sdm-demo"], "trains another network")):
+        with pytest.raises(SystemExit) as exit_:                             # never ignored
+            train.main(resume + bad)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert train.main(resume + ["--height", "8", "--preset", "tiny"]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["sdm", "--data", str(tiny_data), "--height", "8", "--width", "12", "--random_crop", "on",
+                    "--preset", "tiny", "--output_path", str(tmp_path / "wide"), "--cpu"])
+    assert exit_.value.code == 2 and "takes square sizes" in capsys.readouterr().err

@@ -149,3 +149,15 @@ def test_a_skipped_step_leaves_the_batchnorm_statistics_alone(jt, train_root, mo
     assert "skipped" not in task.checked_step(1)
     moved = [k for k, v in module_arrays(task.model).items() if not np.array_equal(before[k], v)]
     assert any("running_mean" in k for k in moved) and any("running_mean" not in k for k in moved)
+
+
+def test_resuming_refuses_another_architecture_or_size(jt, checkpoint, capsys):
+    import train
+
+    run = checkpoint[0].parent.parent
+    resume = ["segmenter", "--resume", "--output_path", str(run), "--max_steps", "7", "--cpu"]
+    for bad, message in ((["--widths", "8,16"], "trained with --widths 16,32,64"),
+                         (["--height", "48"], f"trained with --height {HEIGHT}")):
+        with pytest.raises(SystemExit) as exit_:
+            train.main(resume + bad)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -365,6 +365,51 @@ def test_train_cli_ldm_stage(jt, store, tmp_path, capsys):
     assert exit_.value.code == 2 and "--latents" in capsys.readouterr().err
 
 
+def test_a_resumed_run_refuses_options_that_would_change_it(jt, store, tmp_path, capsys):
+    """--preset naming another network and --latent_scale are refused on --resume (exit 2, before
+    anything loads) instead of being ignored; the run's own preset is accepted."""
+    import train as train_cli
+
+    run = tmp_path / "run"
+    args = ["ldm", "--latents", str(store), "--out", str(run), "--batch_size", "2", "--sample_every", "0", "--cpu"]
+    assert train_cli.main(args + ["--preset", "tiny", "--max_steps", "2"]) == 0
+    capsys.readouterr()
+    for bad, message in ((["--preset", "demo"], "--preset demo: " + str(run / "checkpoints" / "last.safetensors")
+                          + " trains another network"),
+                         (["--latent_scale", "2"], "--latent_scale cannot change when resuming")):
+        with pytest.raises(SystemExit) as exit_:
+            train_cli.main(args + ["--resume", "--max_steps", "3", *bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert train_cli.main(args + ["--resume", "--max_steps", "3", "--preset", "tiny"]) == 0
+
+
+def test_resume_keeps_the_learnt_schedule_and_scale_and_refuses_a_config_with_gaps(jt, store, tmp_path, capsys):
+    """A resumed run takes its schedule and latent scale from the checkpoint's diffusion section
+    (what the network learnt), and every other training field from its train section: a field
+    missing there is an error naming it, never today's default."""
+    import train as train_cli
+    from weights.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    args = ["ldm", "--latents", str(store), "--out", str(run), "--batch_size", "2", "--sample_every", "0", "--cpu"]
+    assert train_cli.main(args + ["--preset", "tiny", "--max_steps", "2", "--latent_scale", "1.5"]) == 0
+    last = run / "checkpoints" / "last.safetensors"
+    arrays, info = read(last)
+
+    def rewrite(train):
+        save_checkpoint(last, arrays, kind=info["kind"], config={**info["config"], "train": train}, extra=info["extra"])
+
+    rewrite({**info["config"]["train"], "latent_scale": 9.0})
+    assert train_cli.main(args + ["--resume", "--max_steps", "3"]) == 0
+    _, resumed = read(last)
+    assert resumed["config"]["train"]["latent_scale"] == resumed["config"]["diffusion"]["latent_scale"] == 1.5
+    arrays, info = read(last)
+    rewrite({k: v for k, v in info["config"]["train"].items() if k != "mask_dropout"})
+    capsys.readouterr()
+    assert train_cli.main(args + ["--resume", "--max_steps", "4"]) == 1
+    assert "lacks the field(s) mask_dropout" in capsys.readouterr().err
+
+
 def test_gradient_checkpointing_trains_like_the_plain_loop(jt, store, tmp_path):
     """Two steps with --grad_checkpoint give the plain loop's losses and weights (float32 rounding)."""
     from ldm.training import train
@@ -478,8 +523,9 @@ def test_init_starts_an_ldm_run_from_given_weights(jt, store, tmp_path, capsys):
         np.testing.assert_allclose(arrays[f"model/{name}"], value, atol=1e-9, err_msg=name)
     for bad, message in ((["--preset", "demo"], "another network than --preset demo"),
                          (["--latent_scale", "2"], "--latent_scale cannot change with --init")):
-        assert train_cli.main(common + ["--output_path", str(tmp_path / "x"), *bad]) == 1
-        assert message in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:       # refused before anything loads
+            train_cli.main(common + ["--output_path", str(tmp_path / "x"), *bad])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         train_cli.main(common + ["--output_path", str(tmp_path / "run"), "--resume"])
     assert exit_.value.code == 2 and "--init starts a new run" in capsys.readouterr().err

@@ -54,7 +54,8 @@ import numpy as np
 from datasets.io import atomic_write, remove_stale_temporaries
 from training.logs import LOG_FILE, JsonLog, repair_log
 from training.state import buffers, restore_buffers
-from weights.checkpoint import TRAIN_SUFFIX, WeightsError, load_checkpoint, read_checkpoint_info, save_checkpoint
+from weights.checkpoint import (TRAIN_SUFFIX, WeightsError, config_from_dict, load_checkpoint, read_checkpoint_info,
+                                save_checkpoint)
 
 log = logging.getLogger("iidm.training")
 
@@ -243,6 +244,30 @@ def checkpoint_to_resume(out: Path) -> Path | None:
             if step > best_step:
                 best, best_step = path, step
     return best
+
+
+def stored_run(run_dir: str | os.PathLike, kind: str, sections: tuple[str, ...] = ("network", "train")
+               ) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint, configuration) of the run in ``run_dir``, as its newest checkpoint records it
+    (read from the file's header, no array loaded); refuses another network's run, or one whose
+    checkpoint lacks ``sections`` (a run of another stage or an older version)."""
+    path = checkpoint_to_resume(Path(run_dir))
+    if path is None:
+        raise FileNotFoundError(f"{Path(run_dir) / CHECKPOINTS}: nothing to resume")
+    info = read_checkpoint_info(path)
+    missing = [name for name in sections if name not in info["config"]]
+    if info["kind"] != kind + TRAIN_SUFFIX or missing:
+        lacks = f", without {', '.join(missing)}" if missing else ""
+        raise WeightsError(f"{path}: not a {kind} training checkpoint of this stage and version (kind "
+                           f"{info['kind']!r}{lacks}); start a new run")
+    return path, dict(info["config"])
+
+
+def stored_section(cls, config: Mapping[str, Any], section: str, source: str | os.PathLike):
+    """The ``cls`` dataclass of a stored run's ``config[section]``, every field required: a resumed
+    run must not fall back on today's defaults for what its checkpoint does not say."""
+    return config_from_dict(cls, config[section], complete=True, source=f"{source} ({section})",
+                            hint="the run was written by an older version; start a new run from its weights")
 
 
 def load_header_step(path: Path) -> int:

@@ -411,9 +411,15 @@ def checkpoint_info(path: str | os.PathLike, metadata: Mapping[str, str]) -> dic
     return {"kind": kind, "version": version, "config": config, "extra": extra}
 
 
-def load_checkpoint(path: str | os.PathLike, kind: str | None = None) -> Checkpoint:
-    """Read a checkpoint; with ``kind``, refuse one of another network (weights or training file)."""
-    arrays, info = read_checkpoint(path)
+def load_checkpoint(path: str | os.PathLike, kind: str | None = None, *, header_only: bool = False) -> Checkpoint:
+    """Read a checkpoint; with ``kind``, refuse one of another network (weights or training file).
+    ``header_only``: read no array (kind, config and extra only; ``Checkpoint.arrays`` is empty)."""
+    if not header_only:
+        arrays, info = read_checkpoint(path)
+    else:
+        if not Path(path).is_file():
+            raise WeightsError(f"{path}: checkpoint not found")
+        arrays, info = {}, read_checkpoint_info(path)
     file_kind = str(info["kind"])
     training = file_kind.endswith(TRAIN_SUFFIX)
     network_kind = file_kind[: -len(TRAIN_SUFFIX)] if training else file_kind
