@@ -474,19 +474,21 @@ def test_finite_losses_from_wrecked_weights_do_not_prove_them(jt, store, tmp_pat
     assert not any(r.get("skipped") or r.get("suspect") for r in records)
 
 
-@pytest.mark.parametrize("stage", ["ldm", "autoencoder"])
+@pytest.mark.parametrize("stage", ["ldm", "autoencoder", "sdm", "segmenter"])
 def test_the_seed_fixes_a_whole_run(jt, store, tmp_path, stage):
     """Two fresh runs with one seed write byte-identical checkpoints; another seed differs."""
     import train as train_cli
     from datasets.synthetic import write_dataset
 
     if stage == "ldm":
-        data = ["--latents", str(store), "--preset", "tiny", "--batch_size", "2"]
+        data = ["--latents", str(store), "--preset", "tiny"]
     else:
         write_dataset(tmp_path / "data", 4, 24, 32, seed=0, n_test=1)
-        data = ["--data", str(tmp_path / "data" / "train"), "--preset", "tiny", "--height", "24", "--width", "32",
-                "--batch_size", "2", "--lr", "1e-3"]
-    common = [stage, *data, "--max_steps", "2", "--save_every", "2", "--sample_every", "0", "--cpu"]
+        data = ["--data", str(tmp_path / "data" / "train"), "--height", "24", "--width", "32", "--lr", "1e-3"]
+        data += {"autoencoder": ["--preset", "tiny"], "sdm": ["--preset", "tiny"], "segmenter": ["--widths", "8,16"]}[stage]
+    common = [stage, *data, "--batch_size", "2", "--max_steps", "2", "--save_every", "2", "--cpu"]
+    if stage != "segmenter":
+        common += ["--sample_every", "0"]
     files = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         assert train_cli.main(common + ["--output_path", str(tmp_path / name), "--seed", str(seed)]) == 0
@@ -494,7 +496,10 @@ def test_the_seed_fixes_a_whole_run(jt, store, tmp_path, stage):
     assert files["a"] == files["b"]
     a, _ = read(tmp_path / "a" / "checkpoints" / "last.safetensors")
     c, _ = read(tmp_path / "c" / "checkpoints" / "last.safetensors")
-    first_conv = "model/input_blocks.0.0.weight" if stage == "ldm" else "model/encoder.conv_in.weight"
+    first_conv = {"ldm": "model/input_blocks.0.0.weight", "sdm": "model/input_blocks.0.0.weight",
+                  "autoencoder": "model/encoder.conv_in.weight"}.get(stage)
+    if first_conv is None:
+        first_conv = next(k for k in sorted(a) if k.startswith("model/") and k.endswith("conv.weight"))
     assert not np.allclose(a[first_conv], c[first_conv], atol=1e-3)   # other initial weights, not just other data
 
 
