@@ -131,9 +131,12 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
         pipeline.preset_rounds(args.preset, make_schedule(ScheduleConfig()), args.steps)
     except ValueError as exc:
         parser.error(str(exc))
-    for path in (args.mask, args.ref, args.input_path, args.img_path, args.mapping):
+    for path in (args.mask, args.ref, args.input_path, args.img_path, args.mapping, *args.ckpt, args.vq):
         if path is not None and not path.exists():
             parser.error(f"{path}: not found")
+    if args.ckpt and args.vq is None and not (args.ckpt[0].parent / "vq.safetensors").is_file():
+        parser.error(f"{args.ckpt[0].parent / 'vq.safetensors'}: not found (the autoencoder beside the first "
+                     "--ckpt); give the autoencoder with --vq")
 
 
 def writable(folder: Path) -> str | None:

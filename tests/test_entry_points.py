@@ -13,10 +13,14 @@ def test_infer_without_a_model_says_so_and_generates_nothing(tmp_path, capsys, m
     assert not (tmp_path / "out").exists()
 
 
-def test_infer_names_a_missing_checkpoint(tmp_path, capsys):
-    status = infer.main(["--cpu", "--ckpt", str(tmp_path / "nope.safetensors")])
-    assert status == 1
-    assert "nope.safetensors" in capsys.readouterr().err
+def test_infer_names_a_missing_checkpoint_before_anything_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(infer.jittor_env, "setup", lambda **kw: pytest.fail("Jittor set up before the check"))
+    for args, named in ((["--ckpt", str(tmp_path / "nope.safetensors")], "nope.safetensors: not found"),
+                        (["--ckpt", __file__], "vq.safetensors: not found (the autoencoder beside the first --ckpt)"),
+                        (["--ckpt", __file__, "--vq", str(tmp_path / "vq.pt")], "vq.pt: not found")):
+        with pytest.raises(SystemExit) as exit_:
+            infer.main(["--cpu", *args])
+        assert exit_.value.code == 2 and named in capsys.readouterr().err
 
 
 
