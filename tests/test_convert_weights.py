@@ -316,11 +316,15 @@ def test_the_iidm_flags_written_out_in_the_docs_build_the_iidm_preset(tmp_path):
     from models.unet import PRESET_DIFFUSION, unet_preset
 
     text = (REPO / "docs" / "converting.md").read_text()
-    block = text.split("as a flag file (`iidm.flags`):", 1)[1].split("\n\n")[1]
-    config = read_config(write(tmp_path / "iidm.flags", block))
-    assert config.origin == "IIDM flags" and config.notes == []
-    assert disagreements("unet", config.network, unet_preset("iidm").to_dict()) == []
-    assert config.diffusion == PRESET_DIFFUSION["iidm"]
+    block = text.split("as a flag file (`configs/iidm.flags`):", 1)[1].split("\n\n")[1]
+    shipped = REPO / "configs" / "iidm.flags"
+    flags = [line for line in shipped.read_text().splitlines() if not line.startswith("#")]
+    assert " ".join(block.split()) == " ".join(" ".join(flags).split())     # the docs show the shipped file
+    for path in (write(tmp_path / "iidm.flags", block), shipped):
+        config = read_config(path)
+        assert config.origin == "IIDM flags" and config.notes == []
+        assert disagreements("unet", config.network, unet_preset("iidm").to_dict()) == []
+        assert config.diffusion == PRESET_DIFFUSION["iidm"]
 
 
 def test_small_vq_preset_cannot_describe_a_taming_file(jt, tmp_path, capsys):
