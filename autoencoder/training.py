@@ -47,11 +47,11 @@ import jittor as jt
 from autoencoder.losses import LossConfig, VQLPIPSWithDiscriminator
 from autoencoder.lpips import load_lpips
 from autoencoder.vqmodel import KIND, TRAINING_PREFIX, VQConfig, VQModel, vq_config
-from datasets import TrainingSet, save_image
+from datasets import TrainingSet
 from training.loop import (NON_FINITE, LoopConfig, Task, batch_indices, materialize, run, seed_everything, step_rng,
                            stored_run, stored_section)
 from training.optim import FusedAdam, discard_gradients, finite_gradients
-from training.state import adam_state, load_adam_state, to_uint8, trainable
+from training.state import adam_state, load_adam_state, save_grid, to_uint8, trainable
 from weights.checkpoint import WeightsError, load_checkpoint, load_weights
 
 log = logging.getLogger("iidm.autoencoder")
@@ -106,9 +106,7 @@ def load_batch(dataset: Sequence, indices: np.ndarray, flips: np.ndarray) -> np.
 
 def save_samples(path: Path, inputs: np.ndarray, reconstructions: np.ndarray, count: int = 4) -> None:
     """PNG grid: inputs on top, reconstructions below, up to ``count`` images side by side."""
-    top = np.concatenate(list(to_uint8(inputs[:count])), axis=1)
-    bottom = np.concatenate(list(to_uint8(reconstructions[:count])), axis=1)
-    save_image(path, np.concatenate([top, bottom], axis=0))
+    save_grid(path, [to_uint8(inputs[:count]), to_uint8(reconstructions[:count])])
 
 
 def restart_dead_codes(model: VQModel, x: jt.Var, usage: np.ndarray, rng: np.random.Generator) -> int:

@@ -23,17 +23,14 @@ from typing import Any, Callable
 import numpy as np
 
 import jittor_env  # noqa: F401  (must precede jittor)
-import jittor as jt
 
 from datasets.classes import colorize
-from datasets.io import save_image
 from datasets.sdm import SDMFolder, sdm_mask
 from datasets.sdm import random_crop as crop_view
 from training.loop import batch_indices, run, step_rng
-from training.state import to_uint8
+from training.state import save_grid, to_uint8
 from weights.checkpoint import diffusion_section
 from .guidance import drop_masks
-from .samplers import ddim_sample
 from .training import Batch, LDMTask, TrainConfig
 
 log = logging.getLogger("iidm.ldm.pixel")
@@ -152,22 +149,13 @@ class PixelTask(LDMTask):
     def write_samples(self, path: Path, step: int) -> None:
         """A PNG grid: masks (landscape colours, else the label scaled to grey), the photos, and
         DDIM samples (``sample_steps`` steps, no guidance) under those masks."""
-        config, store, unet = self.cfg, self.store, self.unet
+        config, store = self.cfg, self.store
         count = min(config.sample_count, len(store))
         # The same items (and crops) at every step, so the grids compare.
         images, masks, labels = store.batch(np.arange(count), np.zeros(count, dtype=np.int64),
                                             step_rng(config.seed, 0, CROP_SALT))
-        noise = jt.array(step_rng(config.seed, 0, 99).standard_normal(images.shape, dtype=np.float32))
-        stride = max(1, self.schedule.num_timesteps // config.sample_steps)
-        timesteps = list(range(self.schedule.num_timesteps - 1, -1, -stride))
-        mask = jt.array(masks)
-        unet.eval()
-        with jt.no_grad():
-            sample = ddim_sample(lambda x_t, t: unet(x_t, t, mask), self.schedule, noise, timesteps,
-                                 clip_denoised=True)
-        unet.train()
-        rows = [label_picture(labels, store.folder.dataset), to_uint8(images), to_uint8(sample.numpy())]
-        save_image(path, np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0))
+        sample = self.sample_ddim(masks, images.shape, clip_denoised=True)
+        save_grid(path, [label_picture(labels, store.folder.dataset), to_uint8(images), to_uint8(sample.numpy())])
 
 
 def label_picture(labels: np.ndarray, dataset) -> np.ndarray:

@@ -40,11 +40,11 @@ import numpy as np
 import jittor_env  # noqa: F401  (must precede jittor)
 import jittor as jt
 
-from datasets import NUM_CLASSES, colorize, one_hot, save_image
+from datasets import NUM_CLASSES, colorize, one_hot
 from training.loop import (NON_FINITE, LoopConfig, Task, TrainingStopped, batch_indices, run, step_rng,
                            stored_run, stored_section)
 from training.optim import FusedAdamW
-from training.state import adam_state, load_adam_state, to_uint8, trainable
+from training.state import adam_state, load_adam_state, save_grid, to_uint8, trainable
 from weights.checkpoint import WeightsError, check_diffusion, config_from_dict, diffusion_fix, diffusion_section
 from .ema import EMA
 from .guidance import drop_masks
@@ -326,15 +326,12 @@ class LDMTask(Task):
     def _update(self, grads: list[jt.Var]) -> None:
         """AdamW on the float32 masters and the EMA of the new masters (fused: a few kernels for
         all tensors), then the masters copied back to float16 parameters."""
-        group = self.optimizer.param_groups[0]
-        group["grads"] = [g.stop_grad() for g in grads]
-        self.optimizer.n_step = self.updates + 1
-        self.optimizer.step(ema=self.ema.vars(), ema_decay=self.ema.decay)
+        moments = self.optimizer.step_gradients(grads, ema=self.ema.vars(), ema_decay=self.ema.decay)
         self.updates += 1
         for p, master in zip(self.params, self.masters):
             if master is not p:
                 p.update(master.cast(p.dtype))
-        jt.sync(self.masters + self.ema.vars() + group["m"] + group["values"])
+        jt.sync(self.masters + self.ema.vars() + moments)
 
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {"loss": f"{values.get('loss', float('nan')):.4f}", "mse": f"{values.get('mse', float('nan')):.4f}"}
@@ -347,29 +344,36 @@ class LDMTask(Task):
     # ------------------------------------------------------------------ samples
     def write_samples(self, path: Path, step: int) -> None:
         """A PNG grid: the first items' masks (colourised), their decoded latents, and DDIM samples
-        (``sample_steps`` steps, eta 0, no guidance) from noise under those masks, with the training weights."""
+        from noise under those masks (``sample_ddim``)."""
         if self.decode is None:
             return
-        config, store, unet = self.cfg, self.store, self.unet
+        config, store = self.cfg, self.store
         count = min(config.sample_count, len(store))
         latents, labels = store.batch(np.arange(count), np.zeros(count, dtype=np.int64))
-        mask = jt.array(one_hot(labels, NUM_CLASSES))
-        noise = jt.array(step_rng(config.seed, 0, 99).standard_normal(latents.shape, dtype=np.float32))
-        stride = max(1, self.schedule.num_timesteps // config.sample_steps)
-        timesteps = list(range(self.schedule.num_timesteps - 1, -1, -stride))
-        unet.eval()
+        sample = self.sample_ddim(one_hot(labels, NUM_CLASSES), latents.shape)
         with jt.no_grad():
-            sample = ddim_sample(lambda x_t, t: unet(x_t, t, mask), self.schedule, noise, timesteps)
             images = to_uint8(self.decode(sample / config.latent_scale).numpy())
             reference = to_uint8(self.decode(jt.array(latents)).numpy())
-        unet.train()
         height, width = images.shape[1:3]
         masks = [np.asarray(colorize(label)) for label in labels]
         masks = [m if m.shape[:2] == (height, width) else
                  np.kron(m, np.ones((height // m.shape[0], width // m.shape[1], 1), dtype=np.uint8)) for m in masks]
-        rows = [np.concatenate(masks, axis=1), np.concatenate(list(reference), axis=1),
-                np.concatenate(list(images), axis=1)]
-        save_image(path, np.concatenate(rows, axis=0))
+        save_grid(path, [np.stack(masks), reference, images])
+
+    def sample_ddim(self, masks: np.ndarray, shape: tuple[int, ...], clip_denoised: bool = False) -> jt.Var:
+        """DDIM samples of the sample grids (``sample_steps`` steps, eta 0, no guidance) with the
+        training weights, under ``masks``, from the same noise at every step so the grids compare."""
+        config, unet = self.cfg, self.unet
+        noise = jt.array(step_rng(config.seed, 0, 99).standard_normal(shape, dtype=np.float32))
+        stride = max(1, self.schedule.num_timesteps // config.sample_steps)
+        timesteps = list(range(self.schedule.num_timesteps - 1, -1, -stride))
+        mask = jt.array(masks)
+        unet.eval()
+        with jt.no_grad():
+            sample = ddim_sample(lambda x_t, t: unet(x_t, t, mask), self.schedule, noise, timesteps,
+                                 clip_denoised=clip_denoised)
+        unet.train()
+        return sample
 
 
 # ------------------------------------------------------------------------------ entry points

@@ -153,6 +153,17 @@ class FusedAdam(jt.optim.Optimizer):
         self.post_step()
 
 
+    def step_gradients(self, grads: Sequence[jt.Var], ema: Sequence[jt.Var] | None = None,
+                       ema_decay: float = 0.0) -> list[jt.Var]:
+        """One update, counted as the next one, from gradients computed elsewhere (summed over
+        micro-batches, averaged over MPI ranks, unscaled); returns the moments it wrote, for a sync."""
+        group = self.param_groups[0]
+        group["grads"] = [g.stop_grad() for g in grads]
+        self.n_step += 1
+        self.step(ema=ema, ema_decay=ema_decay)
+        return list(group["m"]) + list(group["values"])
+
+
 def FusedAdamW(params, lr: float, eps: float = 1e-8, betas=(0.9, 0.999), weight_decay: float = 0.0) -> FusedAdam:
     """``jt.optim.AdamW``'s signature and arithmetic, fused."""
     return FusedAdam(params, lr, eps=eps, betas=betas, weight_decay=weight_decay, decoupled=True)

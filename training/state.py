@@ -64,3 +64,10 @@ def load_adam_state(optimizer, names: Sequence[str], arrays: Mapping[str, np.nda
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] (rounded)."""
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def save_grid(path, rows: Sequence[np.ndarray]) -> None:
+    """A sample-grid PNG: each row uint8 [B, H, W, 3] (its images side by side), rows stacked."""
+    from datasets.io import save_image
+
+    save_image(path, np.concatenate([np.concatenate(list(row), axis=1) for row in rows], axis=0))
