@@ -282,7 +282,8 @@ def test_a_foreign_unet_is_refused_without_config_since_its_heads_leave_no_trace
     from argparse import Namespace
 
     import models.unet as unet_module
-    from tools.convert_weights import Refusal, choose_network, main
+    from tools.convert_weights import main
+    from weights.convert import Refusal, choose_network
 
     for name in ("iidm", "sdm-ade20k"):
         with pytest.raises(Refusal, match=f"preset {name} .*num_heads, num_head_channels, num_heads_upsample.*"
@@ -360,8 +361,8 @@ def test_own_checkpoint_keeps_its_config_and_refuses_a_contradicting_preset(jt, 
 
 
 def test_the_kind_is_told_by_the_names_and_a_contradicting_kind_is_named(jt, tmp_path, capsys):
-    from tools.convert_weights import KINDS, Refusal, resolve_kind
     from tools.convert_weights import main
+    from weights.convert import KINDS, Refusal, resolve_kind
 
     unet = ["module.input_blocks.0.0.weight", "module.out.2.weight"]
     vq = ["first_stage_model.encoder.conv_in.weight", "first_stage_model.decoder.conv_out.weight"]

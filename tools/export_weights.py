@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         if args.schedule is None and args.latent_scale is None:
             export_weights(args.checkpoint, args.output_path, args.weights, args.dtype)
         else:
-            from tools.convert_weights import parse_schedule
+            from weights.convert import parse_schedule
 
             schedule = parse_schedule(args.schedule) if args.schedule is not None else None
             export(args.checkpoint, args.output_path, args.weights, args.dtype, schedule, args.latent_scale)
