@@ -16,43 +16,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import cli
-from weights.checkpoint import WEIGHT_SETS, WeightsError, load_checkpoint, save_checkpoint
-
-
-def with_diffusion(diffusion: dict[str, Any] | None, schedule: dict[str, Any] | None,
-                   latent_scale: float | None, source: str) -> dict[str, Any]:
-    """A run's recorded diffusion settings with the missing ones taken from the options; an option
-    that contradicts what the run records is an error, never an override."""
-    filled = dict(diffusion or {"space": "latent"})   # only version-1 runs (latent U-Nets) lack the section
-    for field, given in (("schedule", schedule), ("latent_scale", latent_scale)):
-        if given is None:
-            continue
-        if field in filled and filled[field] != given:
-            raise WeightsError(f"{source}: the run records {field} {filled[field]!r}; --{field} {given!r} "
-                               "would contradict it (leave the option out)")
-        filled[field] = given
-    return filled
-
-
-def export(checkpoint: Path, out: Path, which: str, dtype: str | None, schedule: dict[str, Any] | None,
-           latent_scale: float | None) -> None:
-    """training.loop.export_weights, with the diffusion settings an older run lacks supplied."""
-    source = load_checkpoint(checkpoint)
-    if not source.training:
-        raise WeightsError(f"{checkpoint}: already a weights checkpoint (kind {source.kind!r})")
-    if source.kind != "unet":
-        raise WeightsError(f"{checkpoint}: --schedule and --latent_scale are for U-Net runs, this is a "
-                           f"{source.kind!r} run")
-    weights = source.weights(which)
-    if dtype is not None:
-        weights = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
-    config = {key: source.config[key] for key in ("network", "dataset", "size") if key in source.config}
-    config["diffusion"] = with_diffusion(source.config.get("diffusion"), schedule, latent_scale, str(checkpoint))
-    extra = {"source": str(checkpoint), "weights": which, "step": source.step}
-    save_checkpoint(out, weights, kind=source.kind, config=config, extra=extra)
+from weights.checkpoint import WEIGHT_SETS, WeightsError
+from weights.convert import parse_schedule
 
 
 def main(argv=None) -> int:
@@ -73,13 +40,9 @@ def main(argv=None) -> int:
     from training.loop import export_weights
 
     try:
-        if args.schedule is None and args.latent_scale is None:
-            export_weights(args.checkpoint, args.output_path, args.weights, args.dtype)
-        else:
-            from weights.convert import parse_schedule
-
-            schedule = parse_schedule(args.schedule) if args.schedule is not None else None
-            export(args.checkpoint, args.output_path, args.weights, args.dtype, schedule, args.latent_scale)
+        schedule = parse_schedule(args.schedule) if args.schedule is not None else None
+        export_weights(args.checkpoint, args.output_path, args.weights, args.dtype, schedule=schedule,
+                       latent_scale=args.latent_scale)
     except (WeightsError, OSError) as exc:
         print(f"export_weights: {exc}", file=sys.stderr)
         return 1

@@ -476,16 +476,35 @@ def run(task: Task, out_dir: str | os.PathLike, loop: LoopConfig, *, resume: boo
 
 
 def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike, which: str = "ema",
-                   dtype: str | None = None) -> None:
+                   dtype: str | None = None, *, schedule: Mapping[str, Any] | None = None,
+                   latent_scale: float | None = None) -> None:
     """Write the ``which`` weights ("ema" or "model") of a training checkpoint as a weights
-    checkpoint of the network's kind (e.g. "unet"), with its network and diffusion config (and an SDM run's dataset and size)."""
+    checkpoint of the network's kind (e.g. "unet"), with its network and diffusion config (and an SDM run's dataset and size).
+
+    A U-Net run written by an earlier version of this project may lack its schedule or latent
+    scale: ``schedule`` (a dict as weights.convert.parse_schedule returns) and ``latent_scale``
+    supply what the run does not record; one that contradicts what the run records is an error,
+    never an override."""
     source = load_checkpoint(checkpoint)
     if not source.training:
         raise WeightsError(f"{checkpoint}: already a weights checkpoint (kind {source.kind!r})")
+    given = {field: value for field, value in (("schedule", schedule), ("latent_scale", latent_scale))
+             if value is not None}
+    if given and source.kind != "unet":
+        raise WeightsError(f"{checkpoint}: --schedule and --latent_scale are for U-Net runs, this is a "
+                           f"{source.kind!r} run")
     weights = source.weights(which)
     if dtype is not None:
         weights = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in weights.items()}
     config = {key: source.config[key] for key in ("network", "diffusion", "dataset", "size")
               if key in source.config}
+    if given:
+        # only version-1 runs (latent U-Nets) lack the section
+        diffusion = config["diffusion"] = dict(config.get("diffusion") or {"space": "latent"})
+        for field, value in given.items():
+            if field in diffusion and diffusion[field] != value:
+                raise WeightsError(f"{checkpoint}: the run records {field} {diffusion[field]!r}; --{field} {value!r} "
+                                   "would contradict it (leave the option out)")
+            diffusion[field] = value
     extra = {"source": str(checkpoint), "weights": which, "step": source.step}
     save_checkpoint(out, weights, kind=source.kind, config=config, extra=extra)
