@@ -300,7 +300,7 @@ def sample_decoder(store, vq_path: str | None):
     """latent -> image for the sample images: ``vq_path``, else the autoencoder that made the store
     while its file still has the recorded checksum; None (no samples) when neither is usable."""
     from autoencoder.vqmodel import load_vqmodel
-    from ldm.latents import sha256_of
+    from datasets.io import sha256_of
 
     recorded = store.manifest.get("autoencoder", {}).get("path")
     path = vq_path or recorded

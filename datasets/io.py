@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import logging
 import os
 import tempfile
@@ -146,3 +147,12 @@ def save_label(path: str | os.PathLike, label: np.ndarray) -> None:
     if label.ndim != 2:
         raise ValueError(f"{path}: expected a label map [H, W], got shape {label.shape}")
     _atomic_save(Image.fromarray(label.astype(np.uint8), "L"), path, format="PNG")
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's content, read in chunks (a weights file is not held in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

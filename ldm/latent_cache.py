@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from datasets import TrainingSet, resize_label
+from datasets.io import sha256_of
 from datasets.landscape import CHALLENGE_HEIGHT, CHALLENGE_WIDTH
 from ldm.latents import (FORMAT_NAME, FORMAT_VERSION, LABELS, LATENTS, MANIFEST, PROGRESS, VIEWS, StoreError,
-                         items_done, read_manifest, sha256_of, write_json_atomic)
+                         items_done, read_manifest, write_json_atomic)
 from weights.checkpoint import WeightsError, read_checkpoint
 
 log = logging.getLogger("iidm.cache_latents")

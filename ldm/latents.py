@@ -15,7 +15,6 @@ This module reads with numpy only (no Jittor), so data code and tools can use it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,16 +41,6 @@ def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     """Write JSON through a temporary file and a rename, so a crash leaves the old file or the new one."""
     with atomic_write(path, "w") as f:
         f.write(json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
-
-
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's content: the manifest's ``autoencoder_sha256``, which tells whether the
-    autoencoder file that made a store is still the same."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(store: str | os.PathLike) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import DataError, TestSet, load_label
-from datasets.io import IMAGE_SUFFIXES, atomic_write
+from datasets.io import IMAGE_SUFFIXES, atomic_write, sha256_of
 from datasets.landscape import find_image_folder
 from scoring.style_similarity import DEFAULT_MODE, MODES, read_bgr, style_similarity
 
@@ -279,7 +279,7 @@ def _fid(paths, img_root, inception, inception_path, fid_cache, batch_size):
 
     feature_fn = fid.inception_features(inception)
     train_paths = training_images(img_root)
-    weights_id = fid.file_digest(inception_path) if inception_path else "in-memory"
+    weights_id = sha256_of(inception_path) if inception_path else "in-memory"
     cache_dir = Path(fid_cache) if fid_cache else default_fid_cache()
 
     def progress(what):

@@ -369,15 +369,6 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 # ------------------------------------------------------------------------------------ caching
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def statistics_key(paths: Sequence[Path], weights_id: str) -> str:
     """Hash of the sorted image list (name, byte size, mtime in ns), the weights' identity and the
     feature definition: any added, removed, replaced or touched image gives a new key."""
