@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,31 +41,59 @@ def launch(args):
                             env={**os.environ, "IIDM_FORCE_CPU": "1"})
 
 
-def finish(args):
+def finish(args) -> float:
+    """Run to the end; returns the wall time in seconds."""
+    started = time.monotonic()
     proc = launch(args)
     _, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    return time.monotonic() - started
 
 
-def kill_until_done(first, restart, rng, longest):
-    """Run ``first`` (then ``restart()``'s command after each kill), killing each life after a
-    random delay in [0.2, ``longest``] s, until one finishes; returns the number of kills."""
-    kills, args = 0, first
+def temporaries(folder: Path) -> list[Path]:
+    return list(folder.rglob(".*.tmp")) if folder.is_dir() else []
+
+
+def wait_for_a_write(proc, folder: Path) -> None:
+    """Return once a temporary file (a write in progress) shows under ``folder``, or ``proc`` ended."""
+    while proc.poll() is None and not temporaries(folder):
+        time.sleep(0.0002)
+
+
+@dataclass
+class Kills:
+    total: int = 0
+    mid_write: int = 0      # kills that left a write unfinished (its temporary file behind)
+    resumed: int = 0        # kills of a life that had resumed from a checkpoint (or found outputs)
+
+
+def kill_until_done(first, restart, rng, longest, watch: Path, kills: Kills) -> None:
+    """Run ``first`` (then ``restart()``'s command after each kill) until one life finishes. Each
+    life is killed after a random delay in [0.2, ``longest``] s, or (one life in two) at the first
+    write under ``watch`` that starts after that delay: the moment the atomic writes exist for."""
+    args, lives = first, 0
     while True:
         proc = launch(args)
-        delay = float(rng.uniform(0.2, longest))
-        if kills >= MAX_KILLS_PER_RUN:
-            delay = 900.0
+        resumed = args is not first
+        delay = 900.0 if lives >= MAX_KILLS_PER_RUN else float(rng.uniform(0.2, longest))
+        at_a_write = lives < MAX_KILLS_PER_RUN and rng.random() < 0.5
         try:
-            _, err = proc.communicate(timeout=delay)
+            proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
+            if at_a_write:
+                wait_for_a_write(proc, watch)
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
-            kills += 1
+            lives += 1
+            kills.total += 1
+            kills.mid_write += bool(temporaries(watch))
+            kills.resumed += resumed
             args = restart()
             continue
+        _, err = proc.communicate()
         assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
-        return kills
+        return
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -85,13 +115,13 @@ def check_training_runs_agree(straight: Path, killed: Path):
     assert not different, f"files that differ from the uninterrupted run: {different}"
 
 
-def kill_training(tmp_path, common, longest, seed):
+def kill_training(tmp_path, common, seed) -> Kills:
     """Uninterrupted run, then rounds of killed runs (each checked against it) until KILLS kills."""
     straight = tmp_path / "straight"
-    finish(common + ["--output_path", str(straight)])
+    longest = 1.2 * finish(common + ["--output_path", str(straight)])
     rng = np.random.default_rng(seed)
-    total, round_ = 0, 0
-    while total < KILLS:
+    kills, round_ = Kills(), 0
+    while kills.total < KILLS:
         out = tmp_path / f"killed{round_}"
         args = common + ["--output_path", str(out)]
 
@@ -100,11 +130,18 @@ def kill_training(tmp_path, common, longest, seed):
             started = (folder / "last.safetensors").exists() or (folder / "candidate.safetensors").exists()
             return args + ["--resume"] if started else args
 
-        total += kill_until_done(args, restart, rng, longest)
+        kill_until_done(args, restart, rng, longest, out / "checkpoints", kills)
         check_training_runs_agree(straight, out)
         shutil.rmtree(out)
         round_ += 1
-    return total
+    print(f"{kills} over {round_} rounds, the uninterrupted run {longest / 1.2:.1f} s")
+    return kills
+
+
+def check_kills(kills: Kills) -> None:
+    assert kills.total >= KILLS
+    assert kills.mid_write >= 3, f"too few kills landed in a checkpoint write: {kills}"
+    assert kills.resumed >= 3, f"too few kills of resumed runs: {kills}"
 
 
 def test_kill_train_ldm(tmp_path):
@@ -112,7 +149,7 @@ def test_kill_train_ldm(tmp_path):
     common = ["train.py", "ldm", "--latents", str(store), "--preset", "tiny", "--batch_size", "2", "--lr", "1e-3",
               "--max_steps", "8", "--save_every", "2", "--keep_every", "4", "--sample_every", "0", "--seed", "3",
               "--cpu"]
-    assert kill_training(tmp_path, common, longest=10.0, seed=1) >= KILLS
+    check_kills(kill_training(tmp_path, common, seed=1))
 
 
 def test_kill_train_autoencoder(tmp_path):
@@ -123,7 +160,7 @@ def test_kill_train_autoencoder(tmp_path):
               "--height", "24", "--width", "32", "--batch_size", "2", "--lr", "1e-3", "--disc_start", "2",
               "--max_steps", "8", "--save_every", "2", "--keep_every", "4", "--sample_every", "4", "--seed", "3",
               "--cpu"]
-    assert kill_training(tmp_path, common, longest=10.0, seed=2) >= KILLS
+    check_kills(kill_training(tmp_path, common, seed=2))
 
 
 MODELS_SCRIPT = """
@@ -165,19 +202,20 @@ def test_kill_infer(tmp_path):
               "--vq", str(tmp_path / "vq.safetensors"), "--preset", "fast", "--steps", "2", "--batch_size", "1",
               "--save_rounds", "--cpu"]
     straight = tmp_path / "straight"
-    finish(common + ["--output_path", str(straight)])
+    longest = 1.2 * finish(common + ["--output_path", str(straight)])
     expected = files(straight)
     assert len([n for n in expected if n.endswith(".jpg") and "/" not in n]) == 8
     rng = np.random.default_rng(3)
-    total, round_ = 0, 0
-    while total < KILLS:
+    kills, round_ = Kills(), 0
+    while kills.total < KILLS:
         out = tmp_path / f"killed{round_}"
         args = common + ["--output_path", str(out)]
-        total += kill_until_done(args, lambda: args, rng, longest=8.0)
+        kill_until_done(args, lambda: [*args], rng, longest, out, kills)
         got = files(out)
         assert not [n for n in got if n.endswith(".tmp")], "temporary files left behind"
         assert sorted(got) == sorted(expected)
         assert not [n for n in expected if got[n] != expected[n]], "outputs differ from the uninterrupted run"
         shutil.rmtree(out)
         round_ += 1
-    assert total >= KILLS
+    print(f"{kills} over {round_} rounds, the uninterrupted run {longest / 1.2:.1f} s")
+    check_kills(kills)
