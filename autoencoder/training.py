@@ -49,7 +49,7 @@ from autoencoder.lpips import load_lpips
 from autoencoder.vqmodel import KIND, TRAINING_PREFIX, VQConfig, VQModel, vq_config
 from datasets import TrainingSet
 from training.loop import (NON_FINITE, LoopConfig, Task, batch_indices, materialize, run, seed_everything, step_rng,
-                           stored_run, stored_section)
+                           stored_run, stored_section, watched)
 from training.optim import FusedAdam, discard_gradients, finite_gradients
 from training.state import adam_state, load_adam_state, save_grid, to_uint8, trainable
 from weights.checkpoint import WeightsError, load_checkpoint, load_weights
@@ -234,10 +234,11 @@ class AutoencoderTask(Task):
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {k: f"{values[k]:.4f}" for k in ("l1_loss", "p_loss", "g_loss") if k in values}
 
-    def proof_value(self, values: Mapping[str, Any]) -> float | None:
-        """The reconstruction loss (L1 + LPIPS): the GAN term may be negative."""
-        value = values.get("rec_loss")
-        return None if value is None else float(value)
+    def proof_values(self, values: Mapping[str, Any]) -> dict[str, float]:
+        """The losses that are never negative: reconstruction (L1 + LPIPS), codebook and the
+        discriminator's hinge loss (the generator's GAN term may be negative). A learning rate
+        far too large shows first in the codebook and discriminator losses."""
+        return watched(values, ("rec_loss", "quant_loss", "disc_loss"))
 
     def modules(self) -> list:
         return [self.model, self.loss.discriminator]

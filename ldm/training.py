@@ -42,7 +42,7 @@ import jittor as jt
 
 from datasets import NUM_CLASSES, colorize, one_hot
 from training.loop import (NON_FINITE, LoopConfig, Task, TrainingStopped, batch_indices, run, step_rng,
-                           stored_run, stored_section)
+                           stored_run, stored_section, watched)
 from training.optim import FusedAdamW
 from training.state import adam_state, load_adam_state, save_grid, to_uint8, trainable
 from weights.checkpoint import WeightsError, check_diffusion, config_from_dict, diffusion_fix, diffusion_section
@@ -336,10 +336,9 @@ class LDMTask(Task):
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {"loss": f"{values.get('loss', float('nan')):.4f}", "mse": f"{values.get('mse', float('nan')):.4f}"}
 
-    def proof_value(self, values: Mapping[str, Any]) -> float | None:
+    def proof_values(self, values: Mapping[str, Any]) -> dict[str, float]:
         """The noise-prediction MSE: the hybrid loss's L_vb term is large and noisy near t = 0."""
-        value = values.get("mse", values.get("loss"))
-        return None if value is None else float(value)
+        return watched(values, ("mse",))
 
     # ------------------------------------------------------------------ samples
     def write_samples(self, path: Path, step: int) -> None:

@@ -399,3 +399,30 @@ def test_a_skipped_step_undoes_its_codebook_restart(jt, monkeypatch):
     monkeypatch.setattr(task.loss, "discriminator_loss", real)
     assert task.checked_step(2)["codes_restarted"] == 5.0
     assert not np.array_equal(task.model.quantize.embedding.weight.numpy()[:5], codebook[:5])
+
+
+def test_a_diverging_autoencoder_run_points_at_weights_that_train_on(jt, train_root, tmp_path, capsys):
+    """At --lr 1 the reconstruction loss only grows a few times while the codebook and
+    discriminator losses grow a thousandfold: the guard watches all three, so the run stops naming
+    the step-4 checkpoint, and resuming that at a sane rate trains with no bad step."""
+    import json
+
+    import train
+
+    run = tmp_path / "run"
+    args = ["autoencoder", "--data", str(train_root), "--output_path", str(run), "--preset", "tiny", "--height",
+            str(HEIGHT), "--width", str(WIDTH), "--batch_size", "2", "--disc_start", "0", "--sample_every", "0",
+            "--cpu"]
+    assert train.main(args + ["--max_steps", "4", "--save_every", "2"]) == 0
+    capsys.readouterr()
+    assert train.main(args + ["--resume", "--lr", "1", "--save_every", "1", "--max_bad_steps", "3",
+                              "--max_steps", "30"]) == 1
+    err = capsys.readouterr().err
+    assert f"the last good checkpoint is {run / 'checkpoints' / 'last.safetensors'} (step 4)" in err, err
+    assert "(last rec_loss" in err
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert records[5]["suspect"] == "loss_spike" and records[5]["spiking"] in ("quant_loss", "disc_loss")
+    assert train.main(args + ["--resume", "--lr", "1e-4", "--max_steps", "12"]) == 0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert not any(r.get("skipped") or r.get("suspect") for r in records)

@@ -26,9 +26,9 @@ it is newer than ``last`` (a run killed between a save and the next step), else 
 The non-finite guard. A step whose loss or gradient is not finite changes nothing (no update, no
 EMA step, the optimizer's count unchanged, BatchNorm running statistics restored) and is logged
 with ``"skipped": "non_finite"``. A finite loss is not proof enough: a learning rate far too large
-gives finite losses of 1e9 between NaN steps. So a step whose loss (``Task.proof_value``) exceeds
-``spike_factor`` times the median of the last ``SPIKE_WINDOW`` good steps' is a spike, logged with
-``"suspect": "loss_spike"``: it proves no candidate, and when it is the first step from a
+gives finite losses of 1e9 between NaN steps. So a step where one of the watched losses
+(``Task.proof_values``) exceeds ``spike_factor`` times the largest of its values over the last
+``SPIKE_WINDOW`` good steps is a spike, logged with ``"suspect": "loss_spike"``: it proves no candidate, and when it is the first step from a
 candidate's weights it refutes that candidate (set aside as ``diverged.safetensors``). Bad steps
 (non-finite or spikes) stop the run when ``max_bad_steps`` come in a row, or when they make half
 of the last ``4 * max_bad_steps`` steps: the candidate (which may hold the weights that diverged) is
@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ DIVERGED = "diverged.safetensors"
 OPTIONS = "options.json"
 NON_FINITE = "non_finite"
 LOSS_SPIKE = "loss_spike"
-SPIKE_WINDOW = 20        # good steps whose median loss a new loss is compared with
+SPIKE_WINDOW = 20        # good steps whose largest loss a new loss is compared with
 SPIKE_MIN_HISTORY = 3    # good steps needed before any loss counts as a spike
 
 
@@ -134,7 +135,7 @@ class LoopConfig:
     keep_every: int = 0           # also keep the weights (and EMA) every N steps as step_NNNNNNN.safetensors
     max_bad_steps: int = 10       # bad steps (non-finite or loss spikes) in a row that stop the run
     seed: int = 0
-    spike_factor: float = 10.0    # a loss above this x the median of recent good steps' is a spike (0: no test)
+    spike_factor: float = 10.0    # a loss above this x the largest of recent good steps' is a spike (0: no test)
 
     def __post_init__(self):
         for name in ("max_steps", "save_every", "sample_every", "keep_every"):
@@ -149,6 +150,16 @@ class LoopConfig:
     def bad_window(self) -> int:
         """The steps over which half being bad stops the run."""
         return 4 * self.max_bad_steps
+
+
+def watched(values: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, float]:
+    """The finite values among ``names`` in a step's logged ``values`` (the spike test's input)."""
+    out = {}
+    for name in names:
+        value = values.get(name)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[name] = float(value)
+    return out
 
 
 class Task:
@@ -191,10 +202,9 @@ class Task:
         """Restore the training state written by ``state`` and ``counters``."""
         raise NotImplementedError
 
-    def proof_value(self, values: Mapping[str, Any]) -> float | None:
-        """The logged value that the spike test watches (a positive loss); None: no test."""
-        value = values.get("loss")
-        return None if value is None else float(value)
+    def proof_values(self, values: Mapping[str, Any]) -> dict[str, float]:
+        """The logged losses that the spike test watches, each never negative (default: "loss")."""
+        return watched(values, ("loss",))
 
     def modules(self) -> list:
         """The task's networks: the running statistics (BatchNorm's) a skipped step must not change."""
@@ -287,7 +297,7 @@ class _Run:
         self.step = 0
         # The guard's state, saved with every checkpoint: counts, the proof values of the last good
         # steps (the spike test's reference) and whether each of the last steps was bad.
-        self.counters: dict[str, Any] = {"bad_steps": 0, "bad_in_a_row": 0, "spikes": 0, "history": [], "recent": []}
+        self.counters: dict[str, Any] = {"bad_steps": 0, "bad_in_a_row": 0, "spikes": 0, "history": {}, "recent": []}
         self.good_step: int | None = None    # the step of last.safetensors
         self.pending: int | None = None      # the step of the candidate awaiting its proof
 
@@ -305,7 +315,9 @@ class _Run:
         self.step = int(checkpoint.extra["step"])
         for key in ("bad_steps", "bad_in_a_row", "spikes"):
             self.counters[key] = int(saved.get(key, 0))
-        self.counters["history"] = [float(v) for v in saved.get("history", [])]
+        history = saved.get("history", {})
+        self.counters["history"] = ({str(k): [float(v) for v in vs] for k, vs in history.items()}
+                                    if isinstance(history, Mapping) else {})
         self.counters["recent"] = [int(v) for v in saved.get("recent", [])]
         if source == self.candidate:
             self.pending = self.step
@@ -328,7 +340,7 @@ class _Run:
 
     def save(self, path: Path, arrays: Mapping[str, Any]) -> None:
         if self.writer:
-            counters = {k: list(v) if isinstance(v, list) else v for k, v in self.counters.items()}
+            counters = json.loads(json.dumps(self.counters))     # a copy, as saved
             extra = {"step": self.step, "training": {**counters, "task": self.task.counters()}}
             save_checkpoint(path, arrays, kind=self.task.kind + TRAIN_SUFFIX, config=self.task.config(), extra=extra)
 
@@ -359,38 +371,42 @@ class _Run:
         jt.set_seed(jittor_seed(self.loop.seed, self.step, 1))
         return self.task.checked_step(self.step, update)
 
-    def spike_ratio(self, values: Mapping[str, Any]) -> float | None:
-        """The step's loss over the median of the recent good steps' when above ``spike_factor``."""
-        value, history = self.task.proof_value(values), self.counters["history"]
-        if not self.loop.spike_factor or value is None or len(history) < SPIKE_MIN_HISTORY:
+    def spike(self, values: Mapping[str, Any]) -> tuple[str, float] | None:
+        """(loss, ratio) of the watched loss furthest above ``spike_factor`` times its largest value
+        over the recent good steps, or None."""
+        if not self.loop.spike_factor:
             return None
-        median = float(np.median(history))
-        if median > 0 and value > self.loop.spike_factor * median:
-            return value / median
-        return None
+        worst = None
+        for name, value in self.task.proof_values(values).items():
+            history = self.counters["history"].get(name, [])
+            if len(history) >= SPIKE_MIN_HISTORY and max(history) > 0:
+                ratio = value / max(history)
+                if ratio > self.loop.spike_factor and (worst is None or ratio > worst[1]):
+                    worst = (name, ratio)
+        return worst
 
     def judge(self, values: dict[str, Any]) -> dict[str, Any]:
         """Count a step with the guard: a non-finite step or a loss spike is bad; a good step
         proves the pending candidate, a spike from the candidate's weights refutes it. Returns the
-        values to log (a spike marked ``suspect``)."""
+        values to log (a spike marked ``suspect``, with the loss and its ratio)."""
         skipped, counters = values.get("skipped"), self.counters
         if skipped is not None and skipped != NON_FINITE:
             return values          # skipped for a reason that is not a failure (an fp16 overflow)
-        ratio = self.spike_ratio(values) if skipped is None else None
-        bad = skipped == NON_FINITE or ratio is not None
+        spike = self.spike(values) if skipped is None else None
+        bad = skipped == NON_FINITE or spike is not None
         if skipped == NON_FINITE:
             counters["bad_steps"] += 1
-        elif ratio is not None:
+        elif spike is not None:
+            name, ratio = spike
             counters["spikes"] += 1
-            values = {**values, "suspect": LOSS_SPIKE, "loss_ratio": round(ratio, 3)}
+            values = {**values, "suspect": LOSS_SPIKE, "spiking": name, "loss_ratio": round(ratio, 3)}
             if self.pending is not None:
-                log.warning("step %d: a loss %.3g times the median of the last good steps'; the checkpoint of "
-                            "step %d is set aside as %s", self.step, ratio, self.pending, DIVERGED)
+                log.warning("step %d: %s is %.3g times its largest value over the last good steps; the checkpoint "
+                            "of step %d is set aside as %s", self.step, name, ratio, self.pending, DIVERGED)
                 self.set_aside()
         else:
-            value = self.task.proof_value(values)
-            if value is not None:
-                counters["history"] = (counters["history"] + [value])[-SPIKE_WINDOW:]
+            for name, value in self.task.proof_values(values).items():
+                counters["history"][name] = (counters["history"].get(name, []) + [value])[-SPIKE_WINDOW:]
             if self.pending is not None:
                 self.promote()
         counters["bad_in_a_row"] = counters["bad_in_a_row"] + 1 if bad else 0
@@ -408,12 +424,13 @@ class _Run:
 
     def check_guard(self, record: Mapping[str, Any]) -> None:
         in_a_row, recent = self.counters["bad_in_a_row"], self.counters["recent"]
+        names = list(self.task.proof_values({k: 0.0 for k in record})) or ["loss"]
+        last = ", ".join(f"{name} {record.get(name)}" for name in names)
         if in_a_row >= self.loop.max_bad_steps:
-            raise self.stop(f"{in_a_row} steps in a row had a non-finite loss or gradient or a loss spike "
-                            f"(last loss {record.get('loss')})")
+            raise self.stop(f"{in_a_row} steps in a row had a non-finite loss or gradient or a loss spike (last {last})")
         if sum(recent) >= self.loop.bad_window // 2:
             raise self.stop(f"{sum(recent)} of the last {len(recent)} steps had a non-finite loss or gradient or "
-                            f"a loss spike (last loss {record.get('loss')})")
+                            f"a loss spike (last {last})")
 
     def after_step(self) -> None:
         """The kept weights, the samples and the candidate due at this step, in that order: a run
@@ -439,9 +456,10 @@ class _Run:
             values = self.task_step(update=False)
             if values.get("skipped") == NON_FINITE:
                 raise self.stop("the final weights give a non-finite loss or gradient")
-            ratio = self.spike_ratio(values)
-            if ratio is not None:
-                raise self.stop(f"the final weights give a loss {ratio:.3g} times the median of the last good steps'")
+            spike = self.spike(values)
+            if spike is not None:
+                raise self.stop(f"the final weights give a {spike[0]} {spike[1]:.3g} times its largest value over the "
+                                "last good steps")
             self.promote()
 
 
