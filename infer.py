@@ -134,9 +134,37 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
     for path in (args.mask, args.ref, args.input_path, args.img_path, args.mapping, *args.ckpt, args.vq):
         if path is not None and not path.exists():
             parser.error(f"{path}: not found")
+    for flag, path in (("input_path", args.input_path), ("img_path", args.img_path)):
+        if path is not None and not path.is_dir():
+            parser.error(f"--{flag} {path}: a file, expected a folder")
+    files = [("mask", args.mask), ("ref", args.ref), ("mapping", args.mapping), ("vq", args.vq)]
+    for flag, path in files + [("ckpt", path) for path in args.ckpt]:
+        if path is not None and not path.is_file():
+            parser.error(f"--{flag} {path}: not a file")
     if args.ckpt and args.vq is None and not (args.ckpt[0].parent / "vq.safetensors").is_file():
         parser.error(f"{args.ckpt[0].parent / 'vq.safetensors'}: not found (the autoencoder beside the first "
                      "--ckpt); give the autoencoder with --vq")
+
+
+def check_size(parser: cli.ArgumentParser, args, checkpoint: Path, vq_path: Path) -> None:
+    """--size against the models' architectures, read from the files' headers (exit 2 before any
+    network is built): it must be a multiple of what the autoencoder and the U-Net downsample by."""
+    if args.size is None:
+        return
+    from autoencoder.vqmodel import VQConfig
+    from models import UNetConfig
+    from weights.checkpoint import WeightsError, load_checkpoint
+
+    try:
+        vq = load_checkpoint(vq_path, "vqmodel", header_only=True).network_config(VQConfig)
+        unet = load_checkpoint(checkpoint, "unet", header_only=True).network_config(UNetConfig)
+    except WeightsError:
+        return        # reported with the models' loading, one line naming the file
+    multiple = vq.factor * unet.downsample_factor
+    height, width = args.size
+    if height % multiple or width % multiple:
+        parser.error(f"--size {height}x{width}: not a multiple of {multiple}, which these models need "
+                     f"(the autoencoder downsamples by {vq.factor}, the U-Net by {unet.downsample_factor})")
 
 
 def writable(folder: Path) -> str | None:
@@ -232,6 +260,7 @@ def main(argv=None) -> int:
     try:
         checkpoints, vq_path = model_files(args.ckpt, args.vq, DEMO_CHECKPOINT, DEMO_VQ)
         jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
+        check_size(parser, args, checkpoints[0], vq_path)
         rank, world_size = (jt.rank, jt.world_size) if jt.in_mpi else (0, 1)
         jobs, source, output_dir = plan_jobs(args, quick, demo, rank, world_size, started)
         pending = jobs if quick or args.overwrite else [j for j in jobs if not j.output.is_file()]

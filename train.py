@@ -23,8 +23,10 @@ across the N ranks and only rank 0 writes. The segmenter stage trains the plug-i
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+from pathlib import Path
 
 import cli
 import jittor_env
@@ -131,6 +133,17 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
         parser.error(f"{', '.join('--' + n for n in foreign)}: not an option of the {args.stage} stage")
     if not args.output_path:
         parser.error("every stage needs --output_path RUN_DIR")
+    if os.path.exists(args.output_path) and not os.path.isdir(args.output_path):
+        parser.error(f"--output_path {args.output_path}: a file, not a run folder")
+    if args.widths is not None:
+        try:
+            widths = [int(w) for w in args.widths.split(",")]
+        except ValueError:
+            widths = []
+        if not widths or min(widths) < 1:
+            parser.error(f"--widths must be comma-separated integers >= 1, got {args.widths!r}")
+    if args.seed is not None and args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     if not args.resume:
         needed = {"autoencoder": "data", "ldm": "latents", "segmenter": "data", "sdm": "data"}[args.stage]
         if not getattr(args, needed):
@@ -145,8 +158,8 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
             parser.error(f"--{name} must be >= 0, got {value}")
     if args.resume and args.init:
         parser.error("--init starts a new run from given weights; --resume continues the run in --output_path")
-    if args.lr is not None and not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be a finite number > 0, got {args.lr}")
     if (args.lpips_vgg is None) != (args.lpips_heads is None):
         parser.error("LPIPS needs both weight files: --lpips_vgg (VGG16) and --lpips_heads (linear heads)")
     for name in ("data", "latents", "init", "lpips_vgg", "lpips_heads", "vq"):
@@ -206,10 +219,40 @@ def check_with_jittor(parser: cli.ArgumentParser, args, jt) -> None:
     try:
         if args.init:
             check_init(args)
-        if args.resume:
-            check_resume(args)
+        stored = check_resume(args) if args.resume else None
+        check_sizes(args, stored, jt.world_size if jt.in_mpi else 1)
     except (ValueError, WeightsError) as exc:
         parser.error(str(exc))
+
+
+def check_sizes(args, stored: dict | None, world: int) -> None:
+    """Sizes the networks cannot take and batches that do not split, with the run's own values
+    where the options leave them out (``stored``: a resumed run's configuration)."""
+    train = (stored or {}).get("train", {})
+    if args.stage in ("ldm", "sdm"):
+        batch = args.batch_size or train.get("batch_size", 5)
+        accum = args.grad_accum or train.get("grad_accum", 1)
+        if batch % (accum * world):
+            raise ValueError(f"--batch_size {batch} does not split into --grad_accum {accum} micro-batches x "
+                             f"{world} MPI rank(s)")
+    if args.stage == "autoencoder" and stored is None:
+        from autoencoder.vqmodel import vq_config
+
+        factor = vq_config(args.preset or "vq-f4").factor
+        for name, value in (("height", args.height or 384), ("width", args.width or 512)):
+            if value % factor:
+                raise ValueError(f"--{name} {value} is not a multiple of the autoencoder's downsampling factor "
+                                 f"{factor}")
+    if args.stage == "sdm" and stored is None and not args.init:
+        from datasets.sdm import sdm_dataset
+        from models import unet_preset
+
+        conventions = sdm_dataset(args.dataset or "landscape")
+        preset = args.preset or ("sdm-demo" if (args.dataset or "landscape") == "landscape" else f"sdm-{args.dataset}")
+        factor = unet_preset(preset).downsample_factor
+        for name, value in (("height", args.height or conventions.height), ("width", args.width or conventions.width)):
+            if value % factor:
+                raise ValueError(f"--{name} {value} is not a multiple of {factor}, which the {preset} U-Net needs")
 
 
 RUN_KIND = {"autoencoder": "vqmodel", "ldm": "unet", "sdm": "unet", "segmenter": "segmenter"}
@@ -242,8 +285,12 @@ def check_resume(args) -> None:
     try:
         source, stored = stored_run(args.output_path, RUN_KIND[args.stage], RUN_SECTIONS[args.stage])
     except (OSError, WeightsError):
-        return
+        return None
     network = stored["network"]
+    if args.fp16 and not network.get("use_fp16", False):
+        raise ValueError(f"--fp16: {source} trains in float32; a resumed run keeps its precision")
+    if args.stage == "ldm" and args.latents:
+        check_same_autoencoder(args.latents, stored, source)
     if args.preset is not None:
         if args.stage == "autoencoder":
             from autoencoder.vqmodel import vq_config
@@ -260,6 +307,8 @@ def check_resume(args) -> None:
     if args.stage == "segmenter":
         kept = {"widths": (args.widths and tuple(int(w) for w in args.widths.split(",")), tuple(network["widths"])),
                 "height": (args.height, network["height"]), "width": (args.width, network["width"])}
+    elif args.stage == "autoencoder":
+        kept = {"height": (args.height, stored["train"]["height"]), "width": (args.width, stored["train"]["width"])}
     elif args.stage == "sdm":
         crop = bool(stored.get("random_crop", False))    # absent: written before crops existed
         kept = {"dataset": (args.dataset, stored["dataset"]), "height": (args.height, stored["size"]["height"]),
@@ -270,6 +319,23 @@ def check_resume(args) -> None:
             shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
             raise ValueError(f"--{name} {getattr(args, name)}: {source} was trained with --{name} {shown}; a "
                              f"resumed run keeps it, leave --{name} out")
+    return stored
+
+
+def check_same_autoencoder(latents: str, stored: dict, source) -> None:
+    """A resumed U-Net run may read its store from another place, never latents of another
+    autoencoder: the network learnt that autoencoder's latent space."""
+    from ldm.latents import StoreError, read_manifest
+
+    try:
+        manifest = read_manifest(Path(latents))
+    except (StoreError, OSError, ValueError):
+        return    # not a store: the stage says so
+    recorded, given = stored.get("latents_autoencoder_sha256"), manifest.get("autoencoder_sha256")
+    if recorded and given != recorded:
+        raise ValueError(f"--latents {latents}: encoded by another autoencoder than the one {source} trains on "
+                         f"(sha256 {str(given)[:12]}..., the run's {recorded[:12]}...); a resumed run keeps its "
+                         "latent space")
 
 
 def given_options(args, names) -> dict:
@@ -285,6 +351,11 @@ def autoencoder_stage(args) -> str:
 
     if args.resume:
         model_config, loss_config, train_config = stored_configs(args.output_path)
+        if train_config.lr is None and args.lr is None and args.batch_size not in (None, train_config.batch_size):
+            # The default rate scales with the batch size; a resumed run keeps the rate it trained with.
+            logging.getLogger("iidm").info("keeping the run's learning rate %.3g (give --lr to change it)",
+                                           train_config.learning_rate)
+            train_config = replace(train_config, lr=train_config.learning_rate)
     else:
         model_config, loss_config, train_config = vq_config(args.preset or "vq-f4"), LossConfig(), AutoencoderTrainConfig()
     if args.disc_start is not None:
@@ -459,6 +530,11 @@ def segmenter_stage(args) -> str:
         source, stored = stored_run(args.output_path, "segmenter")
         net_config = stored_section(SegmenterConfig, stored, "network", source)
         cfg, data = stored_section(SegmenterTrainConfig, stored, "train", source), args.data or stored["data"]
+        if args.max_steps not in (None, cfg.max_steps):
+            logging.getLogger("iidm").warning(
+                "--max_steps %d: the learning rate's cosine runs over --max_steps, so from here on it follows the "
+                "cosine to step %d, not the run's %d: not the run a start with --max_steps %d would have made",
+                args.max_steps, args.max_steps, cfg.max_steps, args.max_steps)
     else:
         widths = tuple(int(w) for w in (args.widths or "32,64,128,256,256").split(","))
         net_config = SegmenterConfig(widths=widths, height=args.height or 384, width=args.width or 512)
@@ -478,11 +554,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     check_options(parser, args)
-    if args.stage == "segmenter" and args.widths is not None:
-        try:
-            tuple(int(w) for w in args.widths.split(","))
-        except ValueError:
-            parser.error(f"--widths must be comma-separated integers, got {args.widths!r}")
     jt = jittor_env.setup(force_cpu=args.cpu, verbose=args.verbose)
     check_with_jittor(parser, args, jt)
     from datasets import DataError

@@ -426,3 +426,23 @@ def test_a_diverging_autoencoder_run_points_at_weights_that_train_on(jt, train_r
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 13))
     assert not any(r.get("skipped") or r.get("suspect") for r in records)
+
+
+def test_resuming_keeps_the_size_and_the_learning_rate(jt, train_root, tmp_path, capsys):
+    """A resumed autoencoder run refuses another --height/--width (exit 2), and another
+    --batch_size does not silently rescale the default learning rate (4.5e-6 x batch size)."""
+    import train
+    from weights.checkpoint import read_checkpoint_info
+
+    run = tmp_path / "run"
+    args = ["autoencoder", "--data", str(train_root), "--output_path", str(run), "--preset", "tiny", "--height",
+            str(HEIGHT), "--width", str(WIDTH), "--sample_every", "0", "--cpu"]
+    assert train.main(args + ["--batch_size", "2", "--max_steps", "2", "--save_every", "2"]) == 0
+    resume = ["autoencoder", "--output_path", str(run), "--resume", "--cpu"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train.main(resume + ["--height", str(2 * HEIGHT), "--max_steps", "3"])
+    assert exit_.value.code == 2 and f"trained with --height {HEIGHT}" in capsys.readouterr().err
+    assert train.main(resume + ["--batch_size", "4", "--max_steps", "3"]) == 0
+    config = read_checkpoint_info(run / "checkpoints" / "last.safetensors")["config"]
+    assert config["train"]["batch_size"] == 4 and config["learning_rate"] == pytest.approx(4.5e-6 * 2)

@@ -35,6 +35,12 @@ def test_infer_names_a_missing_checkpoint_before_anything_loads(tmp_path, capsys
     ("ldm", ["--ema_decay", "1"], "--ema_decay must be in [0, 1)"),
     ("ldm", ["--fp16", "--cpu"], "--fp16 needs CUDA"),
     ("autoencoder", ["--latents", "."], "--latents: not an option of the autoencoder stage"),
+    ("ldm", ["--seed", "-1"], "--seed must be >= 0"),
+    ("ldm", ["--lr", "inf"], "--lr must be a finite number > 0"),
+    ("ldm", ["--batch_size", "3", "--grad_accum", "2"], "--batch_size 3 does not split into --grad_accum 2"),
+    ("segmenter", ["--widths", "0,16"], "--widths must be comma-separated integers >= 1"),
+    ("autoencoder", ["--height", "25"], "--height 25 is not a multiple of the autoencoder's downsampling factor 4"),
+    ("sdm", ["--height", "30"], "--height 30 is not a multiple of 4, which the sdm-demo U-Net needs"),
 ])
 def test_train_refuses_bad_options_before_any_model_loads(jt, tmp_path, capsys, monkeypatch, stage, options, message):
     import train
@@ -42,13 +48,22 @@ def test_train_refuses_bad_options_before_any_model_loads(jt, tmp_path, capsys, 
     def refuse(args):
         raise AssertionError("a stage started before the options were checked")
 
-    for name in ("autoencoder_stage", "ldm_stage", "segmenter_stage"):
+    for name in ("autoencoder_stage", "ldm_stage", "segmenter_stage", "sdm_stage"):
         monkeypatch.setattr(train, name, refuse)
     data = {"ldm": ["--latents", str(tmp_path)], "autoencoder": ["--data", str(tmp_path)],
-            "segmenter": ["--data", str(tmp_path)]}[stage]
+            "segmenter": ["--data", str(tmp_path)], "sdm": ["--data", str(tmp_path)]}[stage]
     with pytest.raises(SystemExit) as exit_:
         train.main([stage, *data, "--output_path", str(tmp_path / "run"), "--cpu", *options])
     err = capsys.readouterr().err
     assert exit_.value.code == train.USAGE and message in err
     assert len([line for line in err.splitlines() if ": error: " in line]) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_file_as_its_run_folder(tmp_path, capsys):
+    import train
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["ldm", "--latents", str(tmp_path), "--output_path", str(tmp_path / "file"), "--cpu"])
+    assert exit_.value.code == 2 and "a file, not a run folder" in capsys.readouterr().err

@@ -301,6 +301,28 @@ def test_bad_options_exit_2_before_any_model_is_loaded(options, message, monkeyp
     assert message in capsys.readouterr().err
 
 
+def test_files_and_folders_of_the_wrong_kind_and_a_size_the_models_cannot_take_exit_2(tmp_path, models, monkeypatch,
+                                                                                        capsys):
+    """A folder where a file is expected and the other way round (a mapping that is a folder used
+    to end in a traceback), and a --size the models cannot take (checked from the files' headers),
+    are bad options: one line, exit 2, no model built."""
+    unet, vq = models
+    refuse_to_load(monkeypatch)
+    data = dataset(tmp_path / "data", 1)
+    labels = tmp_path / "data" / "test" / "labels"
+    common = ["--cpu", "--output_path", str(tmp_path / "out"), "--ckpt", str(unet), "--vq", str(vq)]
+    a_mask = next(labels.glob("*.png"))
+    for options, message in (
+            (data + ["--mapping", str(labels)], f"--mapping {labels}: not a file"),
+            (["--input_path", str(a_mask), *data[2:]], f"--input_path {a_mask}: a file, expected a folder"),
+            (data[:2] + ["--img_path", str(a_mask)], f"--img_path {a_mask}: a file, expected a folder"),
+            (data + ["--ckpt", str(tmp_path)], f"--ckpt {tmp_path}: not a file"),
+            (data + ["--size", "13x17"], "--size 13x17: not a multiple of")):
+        with pytest.raises(SystemExit) as exit_:
+            infer.main(common + options)
+        assert exit_.value.code == infer.USAGE and message in capsys.readouterr().err, options
+
+
 def test_options_of_another_mode_are_refused(tmp_path, monkeypatch, capsys):
     refuse_to_load(monkeypatch)
     save_label(tmp_path / "m.png", np.zeros((HEIGHT, WIDTH), np.uint8))

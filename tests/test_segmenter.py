@@ -151,13 +151,21 @@ def test_a_skipped_step_leaves_the_batchnorm_statistics_alone(jt, train_root, mo
     assert any("running_mean" in k for k in moved) and any("running_mean" not in k for k in moved)
 
 
-def test_resuming_refuses_another_architecture_or_size(jt, checkpoint, capsys):
+def test_resuming_refuses_another_architecture_or_size(jt, checkpoint, tmp_path, capsys, caplog):
+    """Another --widths/--height is refused (exit 2); a longer --max_steps is allowed, with a warning
+    that the cosine learning rate now runs to the new end (not the run a longer start makes)."""
+    import shutil
+
     import train
 
-    run = checkpoint[0].parent.parent
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint[0].parent.parent, run)
     resume = ["segmenter", "--resume", "--output_path", str(run), "--max_steps", "7", "--cpu"]
     for bad, message in ((["--widths", "8,16"], "trained with --widths 16,32,64"),
                          (["--height", "48"], f"trained with --height {HEIGHT}")):
         with pytest.raises(SystemExit) as exit_:
             train.main(resume + bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with caplog.at_level("WARNING"):
+        assert train.main(resume) == 0
+    assert "the learning rate's cosine runs over --max_steps" in caplog.text

@@ -380,7 +380,15 @@ def test_a_resumed_run_refuses_options_that_would_change_it(jt, store, tmp_path,
         with pytest.raises(SystemExit) as exit_:
             train_cli.main(args + ["--resume", "--max_steps", "3", *bad])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
-    assert train_cli.main(args + ["--resume", "--max_steps", "3", "--preset", "tiny"]) == 0
+    # The store may move, but latents of another autoencoder are another latent space.
+    other = write_store(tmp_path / "other")
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "autoencoder_sha256": "another"}))
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(args + ["--resume", "--max_steps", "3", "--latents", str(other)])
+    assert exit_.value.code == 2 and "encoded by another autoencoder" in capsys.readouterr().err
+    moved = write_store(tmp_path / "moved")
+    assert train_cli.main(args + ["--resume", "--max_steps", "3", "--preset", "tiny", "--latents", str(moved)]) == 0
 
 
 def test_resume_keeps_the_learnt_schedule_and_scale_and_refuses_a_config_with_gaps(jt, store, tmp_path, capsys):
