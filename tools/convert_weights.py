@@ -26,8 +26,6 @@ Missing, unexpected and mis-shaped weights are listed in plain words and nothing
 
 Arrays are read, cast and written one at a time, so converting holds about one array besides the
 output being written. Exit status: 0 written, 1 refused (the reason on stderr).
-
-Adding a kind: one ``Kind`` entry in KINDS.
 """
 
 from __future__ import annotations
