@@ -223,6 +223,9 @@ def check_with_jittor(parser: cli.ArgumentParser, args, jt) -> None:
         check_sizes(args, stored, jt.world_size if jt.in_mpi else 1)
     except (ValueError, WeightsError) as exc:
         parser.error(str(exc))
+    except KeyError as exc:
+        parser.error(f"{args.output_path}: its checkpoint's configuration lacks {exc}; the run was written by an "
+                     "older version, start a new run from its weights")
 
 
 def check_sizes(args, stored: dict | None, world: int) -> None:
@@ -276,7 +279,7 @@ def check_init(args) -> None:
         init_network(args, "latent" if args.stage == "ldm" else "pixel")
 
 
-def check_resume(args) -> None:
+def check_resume(args) -> dict | None:
     """A resumed run keeps its network, data view and latent scale: options that would change
     them are refused, never ignored. A run that cannot be read is left to the stage to report."""
     from training.loop import stored_run
@@ -527,7 +530,7 @@ def segmenter_stage(args) -> str:
     from training.loop import run, seed_everything, stored_run, stored_section
 
     if args.resume:
-        source, stored = stored_run(args.output_path, "segmenter")
+        source, stored = stored_run(args.output_path, "segmenter", RUN_SECTIONS["segmenter"])
         net_config = stored_section(SegmenterConfig, stored, "network", source)
         cfg, data = stored_section(SegmenterTrainConfig, stored, "train", source), args.data or stored["data"]
         if args.max_steps not in (None, cfg.max_steps):

@@ -124,7 +124,7 @@ def cache_latents(data_root: str | os.PathLike, vq_path: str | os.PathLike, out:
         differences = _differences(read_manifest(store), manifest)
         if differences:
             raise StoreError(f"{store}: the store was made with other settings: {'; '.join(differences)}. "
-                             "It is not appended to or overwritten; choose another --out")
+                             "It is not appended to or overwritten; choose another --output_path")
         latents, labels = _open_arrays(store, manifest, create=False)
 
     count, done = manifest["count"], items_done(store)

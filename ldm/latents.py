@@ -47,7 +47,7 @@ def read_manifest(store: str | os.PathLike) -> dict[str, Any]:
     path = Path(store) / MANIFEST
     if not path.is_file():
         raise StoreError(f"{store}: not a latent store (no {MANIFEST}); build one with "
-                         "python -m tools.cache_latents --data TRAIN_ROOT --vq VQ.safetensors --out STORE")
+                         "python -m tools.cache_latents --data TRAIN_ROOT --vq VQ.safetensors --output_path STORE")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT_NAME:
         raise StoreError(f"{path}: not a latent store manifest (format {manifest.get('format')!r})")

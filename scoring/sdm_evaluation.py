@@ -3,7 +3,7 @@ mIoU through a segmenter plug-in, and diversity (the mean pairwise LPIPS among t
 mask; the pixel-difference analogue needs no weights). ``python -m tools.score_sdm`` is its command;
 its help describes the folder and each metric.
 
-Import it after ``jittor_env.setup()``: the metrics' networks load Jittor.
+Call it after ``jittor_env.setup()``: the metrics' networks load Jittor.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ class SampledRun:
         from datasets.sdm import sdm_dataset
         from synthesis.sdm import RUN_FILE
 
-        run = json.loads((Path(folder) / RUN_FILE).read_text())
-        dataset, count = sdm_dataset(run["dataset"]), int(run["num_samples"])
-        return cls(Path(folder), run["names"], dataset, count)
+        path = Path(folder) / RUN_FILE
+        try:
+            run = json.loads(path.read_text())
+            dataset, count = sdm_dataset(run["dataset"]), int(run["num_samples"])
+            return cls(Path(folder), list(run["names"]), dataset, count)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a sample_sdm.py run description ({exc!r})") from None
 
 
 def score_sdm_results(sampled: SampledRun, real: str | Path | None = None, inception: str | Path | None = None,
@@ -52,6 +56,10 @@ def score_sdm_results(sampled: SampledRun, real: str | Path | None = None, incep
     from synthesis.sdm import label_path, output_path
     from weights.checkpoint import WeightsError
 
+    for name, given, partner, needed in (("inception", inception, "real", real),
+                                         ("lpips_alex", lpips_alex, "lpips_heads", lpips_heads)):
+        if (given is None) != (needed is None):
+            raise ValueError(f"{name} and {partner} go together: give both or neither")
     results, names, dataset, count = sampled.folder, sampled.names, sampled.dataset, sampled.count
     scores: dict = {"results": str(results), "dataset": dataset.name, "masks": len(names),
                     "samples_per_mask": count, "skipped": {}}

@@ -173,3 +173,14 @@ def test_score_sdm_on_sampled_folder(tiny_sdm, tmp_path):
     assert set(scores["skipped"]) == {"lpips_diversity", "miou", "fid"}
     (out / "synthetic01_2.png").unlink()
     assert score_sdm.main(["--results", str(out), "--cpu"]) == 1
+    # A cut run description is one line and exit 1, not a traceback; the library takes metric
+    # weights in their pairs as the command does.
+    from scoring.sdm_evaluation import SampledRun, score_sdm_results
+
+    sampled = SampledRun.read(out)
+    with pytest.raises(ValueError, match="inception and real go together"):
+        score_sdm_results(sampled, inception=out / "weights.pth")
+    with pytest.raises(ValueError, match="lpips_alex and lpips_heads go together"):
+        score_sdm_results(sampled, lpips_alex=out / "alex.pth")
+    (out / "sdm.json").write_text((out / "sdm.json").read_text()[:20])
+    assert score_sdm.main(["--results", str(out), "--cpu"]) == 1

@@ -60,6 +60,13 @@ def test_two_phases(tiny_data, tmp_path):
     assert train.main(["sdm", "--resume", "--max_steps", "2", "--output_path", str(fine), "--cpu"]) == 0
     lines = [json.loads(line) for line in (fine / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2]
+    # A pixel-space run has no latent scale to give its export.
+    from training.loop import export_weights
+    from weights.checkpoint import WeightsError
+
+    with pytest.raises(WeightsError, match="pixel-space U-Net run has no latent scale"):
+        export_weights(fine / "checkpoints" / "last.safetensors", tmp_path / "x.safetensors", latent_scale=2.0)
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_random_crops_per_step_and_resume_keeps_them(tiny_data, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Encode a training root into the latent store the LDM trains from (once, before training).
 
-    python -m tools.cache_latents --data TRAIN_ROOT --vq VQ.safetensors --out STORE [--height 384 --width 512]
+    python -m tools.cache_latents --data TRAIN_ROOT --vq VQ.safetensors --output_path STORE [--height 384 --width 512]
 
 Every photo of TRAIN_ROOT/imgs and its left-right flip go through the autoencoder's encoder (the
 pre-quantisation latent, as LDM and IIDM train on); the label map and its flip are resized
@@ -8,7 +8,7 @@ pre-quantisation latent, as LDM and IIDM train on); the label map and its flip a
 
 Idempotent: run again on a complete store made with the same settings, it does nothing. It
 refuses to add to a store made with other settings (other images, another autoencoder file,
-another size): choose another --out. Interrupted, it resumes from the last finished chunk: the
+another size): choose another --output_path. Interrupted, it resumes from the last finished chunk: the
 arrays are flushed before the item count is advanced (atomically), so the count never claims
 unwritten data.
 """

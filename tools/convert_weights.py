@@ -2,8 +2,8 @@
 (safetensors + config), checking every name and shape against the network built from the config.
 
     python -m tools.convert_weights model.ckpt vq-f4.safetensors --config vq-f4/config.yaml
-    python -m tools.convert_weights ema_0.9999_best.pt sdm.safetensors --config ade20k.flags
-    python -m tools.convert_weights average-176k-266k.pkl unet.safetensors --config iidm.flags --preset iidm
+    python -m tools.convert_weights ema_0.9999_best.pt sdm.safetensors --config configs/sdm/ade20k.flags
+    python -m tools.convert_weights average-176k-266k.pkl unet.safetensors --config configs/iidm.flags --preset iidm
 
 Reads SDM's ``.pt`` state dicts (model or EMA), IIDM's Jittor ``.pkl``, LDM / taming Lightning
 checkpoints (``state_dict``; the training-only ``loss.*`` weights are left out and reported),
@@ -62,13 +62,13 @@ def build_parser() -> cli.ArgumentParser:
                         help="refuse the file if its pickle names any class outside the whitelist, even in "
                              "sections that hold no weights (Lightning callbacks)")
     parser.add_argument("--schedule", help="U-Net: the noise schedule it was trained with, KIND:T[:BETA_START:BETA_END] "
-                                           "(e.g. linear:1000; default: the input's own, --config's or the preset's)")
+                                           "(e.g. linear:1000; default: the input's own or --config's)")
     parser.add_argument("--space", choices=("latent", "pixel"),
                         help="U-Net: what it denoises, autoencoder latents (IIDM) or pixels (SDM) (default: the "
-                             "input's own, --config's or the preset's)")
+                             "input's own or --config's)")
     parser.add_argument("--latent_scale", type=float,
                         help="U-Net: the factor its latents were multiplied by in training (LDM's scale_factor; "
-                             "IIDM: 1; default: the input's own, --config's or the preset's)")
+                             "IIDM: 1; default: the input's own or --config's)")
     jittor_env.add_arguments(parser)
     return parser
 

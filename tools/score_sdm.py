@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     from scoring.sdm_evaluation import SampledRun, score_sdm_results
     from weights.checkpoint import WeightsError
 
-    sampled = SampledRun.read(args.results)
     try:
+        sampled = SampledRun.read(args.results)
         scores = score_sdm_results(sampled, args.real, args.inception, args.segmenter, args.lpips_alex,
                                    args.lpips_heads)
     except (ValueError, OSError, DataError, WeightsError) as exc:

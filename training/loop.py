@@ -519,6 +519,9 @@ def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike, which:
     if given:
         # only version-1 runs (latent U-Nets) lack the section
         diffusion = config["diffusion"] = dict(config.get("diffusion") or {"space": "latent"})
+        if latent_scale is not None and diffusion.get("space") != "latent":
+            raise WeightsError(f"{checkpoint}: a {diffusion.get('space')}-space U-Net run has no latent scale; leave "
+                               "--latent_scale out")
         for field, value in given.items():
             if field in diffusion and diffusion[field] != value:
                 raise WeightsError(f"{checkpoint}: the run records {field} {diffusion[field]!r}; --{field} {value!r} "

@@ -218,8 +218,8 @@ def parse_schedule(text: str) -> dict[str, Any]:
 
 
 def unet_diffusion(args, base: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A U-Net's diffusion settings: the options given over those of the input's own config, of
-    --config or of the preset; never a silent default."""
+    """A U-Net's diffusion settings: the options given over those of the input's own config or of
+    --config (a preset brings none); never a silent default."""
     diffusion = dict(base or {})
     if args.schedule is not None:
         diffusion["schedule"] = parse_schedule(args.schedule)
