@@ -274,12 +274,28 @@ def score_results(results: Path, mask_dir: Path, img_root: Path, style_mode: str
     return Report(images, metrics, skipped, details)
 
 
+def network_digest(module) -> str:
+    """sha256 over a network's arrays (names, shapes, bytes, in name order): the identity of
+    weights given in memory, so two networks never share cached statistics."""
+    import hashlib
+
+    import numpy as np
+
+    from weights.checkpoint import module_arrays
+
+    digest = hashlib.sha256()
+    for name, value in sorted(module_arrays(module).items()):
+        digest.update(f"{name}:{value.dtype}:{value.shape};".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
 def _fid(paths, img_root, inception, inception_path, fid_cache, batch_size):
     from scoring import fid
 
     feature_fn = fid.inception_features(inception)
     train_paths = training_images(img_root)
-    weights_id = sha256_of(inception_path) if inception_path else "in-memory"
+    weights_id = sha256_of(inception_path) if inception_path else network_digest(inception)
     cache_dir = Path(fid_cache) if fid_cache else default_fid_cache()
 
     def progress(what):

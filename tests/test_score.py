@@ -338,3 +338,17 @@ def test_aesthetic_loader_checks_the_kind_and_names(jt, tmp_path):
     save_file({"features.0.weight": np.zeros((4, 3, 3, 3), np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(WeightsError, match="features.0.weight"):
         load_aesthetic(tmp_path / "other.safetensors")
+
+
+def test_networks_given_in_memory_never_share_cached_fid_statistics(jt):
+    """Without a weights file the cache key is a digest of the network's arrays: the same weights
+    give the same key, any other weights another one."""
+    from jittor import nn
+
+    from scoring.challenge import network_digest
+
+    jt.set_global_seed(0)
+    a, b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+    assert network_digest(a) != network_digest(b)
+    b.load_parameters({k: v.numpy() for k, v in a.state_dict().items()})
+    assert network_digest(a) == network_digest(b)
