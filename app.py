@@ -31,7 +31,7 @@ from datasets import CLASS_INDEX, CLASS_NAMES, DataError, colorize, save_image, 
 from synthesis import painting
 from synthesis.batch import output_quality, parse_size
 from synthesis.demo import DEMO_CHECKPOINT, DEMO_HEIGHT, DEMO_OUTPUT, DEMO_VQ, DEMO_WIDTH, prepare_demo
-from synthesis.model_files import Stop
+from synthesis.model_files import Stop, model_file_problem
 from synthesis.model_files import model_files as synthesis_model_files
 from synthesis.studio import NAME, Settings, Studio
 from weights.checkpoint import WEIGHT_SETS, WeightsError
@@ -75,9 +75,11 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
         args.size = parse_size(args.size) if args.size else None
     except ValueError as exc:
         parser.error(str(exc))
-    for path in (args.img_path, *args.ckpt, args.vq):
-        if path is not None and not path.exists():
-            parser.error(f"{path}: not found")
+    if args.img_path is not None and not args.img_path.exists():
+        parser.error(f"{args.img_path}: not found")
+    problem = model_file_problem(args.ckpt, args.vq)
+    if problem:
+        parser.error(problem)
 
 
 def model_files(args) -> tuple[list[Path], Path, list[str]]:

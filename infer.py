@@ -31,7 +31,8 @@ from datasets.landscape import MAPPING_FILE
 from synthesis.batch import BatchReport, Job, generate_jobs, list_jobs, output_quality, parse_size, shard
 from synthesis.demo import DEMO_CHECKPOINT, DEMO_OUTPUT, DEMO_VQ, prepare_demo
 from synthesis.gallery import ROUNDS_FOLDER
-from synthesis.model_files import FAILED, NO_MODEL, Stop, model_files  # noqa: F401 (NO_MODEL: an exit status)
+from synthesis.model_files import NO_MODEL  # noqa: F401 (an exit status, for callers)
+from synthesis.model_files import FAILED, Stop, model_file_problem, model_files
 from weights.checkpoint import WEIGHT_SETS, WeightsError
 
 log = logging.getLogger("iidm.infer")
@@ -131,19 +132,18 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
         pipeline.preset_rounds(args.preset, make_schedule(ScheduleConfig()), args.steps)
     except ValueError as exc:
         parser.error(str(exc))
-    for path in (args.mask, args.ref, args.input_path, args.img_path, args.mapping, *args.ckpt, args.vq):
+    for path in (args.mask, args.ref, args.input_path, args.img_path, args.mapping):
         if path is not None and not path.exists():
             parser.error(f"{path}: not found")
+    problem = model_file_problem(args.ckpt, args.vq)
+    if problem:
+        parser.error(problem)
     for flag, path in (("input_path", args.input_path), ("img_path", args.img_path)):
         if path is not None and not path.is_dir():
             parser.error(f"--{flag} {path}: a file, expected a folder")
-    files = [("mask", args.mask), ("ref", args.ref), ("mapping", args.mapping), ("vq", args.vq)]
-    for flag, path in files + [("ckpt", path) for path in args.ckpt]:
+    for flag, path in (("mask", args.mask), ("ref", args.ref), ("mapping", args.mapping)):
         if path is not None and not path.is_file():
             parser.error(f"--{flag} {path}: not a file")
-    if args.ckpt and args.vq is None and not (args.ckpt[0].parent / "vq.safetensors").is_file():
-        parser.error(f"{args.ckpt[0].parent / 'vq.safetensors'}: not found (the autoencoder beside the first "
-                     "--ckpt); give the autoencoder with --vq")
 
 
 def check_size(parser: cli.ArgumentParser, args, checkpoint: Path, vq_path: Path) -> None:

@@ -36,3 +36,18 @@ def model_files(checkpoints: list[Path], vq: Path | None = None, demo_checkpoint
         hint = "" if vq else " (give the autoencoder with --vq)"
         raise Stop(f"infer.py: checkpoint not found: {', '.join(missing)}{hint}")
     return checkpoints, vq_path
+
+
+def model_file_problem(checkpoints: list[Path], vq: Path | None) -> str | None:
+    """What is wrong with the model files given as options (each must be a file; without ``vq``
+    the autoencoder beside the first checkpoint must exist), or None: an option error, found
+    before anything loads."""
+    for flag, path in [("ckpt", path) for path in checkpoints] + [("vq", vq)]:
+        if path is not None and not Path(path).exists():
+            return f"--{flag} {path}: not found"
+        if path is not None and not Path(path).is_file():
+            return f"--{flag} {path}: not a file"
+    beside = Path(checkpoints[0]).parent / "vq.safetensors" if checkpoints and vq is None else None
+    if beside is not None and not beside.is_file():
+        return f"{beside}: not found (the autoencoder beside the first --ckpt); give the autoencoder with --vq"
+    return None

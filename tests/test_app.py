@@ -229,3 +229,19 @@ def test_guarded_turns_exceptions_into_messages():
         bad_input()
     with pytest.raises(gr.Error, match="internal error .*KeyError"):
         bug()
+
+
+def test_app_checks_its_model_files_as_infer_does(tmp_path, capsys):
+    """A missing or folder --ckpt, or no autoencoder beside it, is an option error (exit 2) in
+    app.py as in infer.py, with the same message."""
+    import app
+    import infer
+
+    (tmp_path / "unet.safetensors").write_bytes(b"")
+    for options, message in ((["--ckpt", str(tmp_path / "nope.safetensors")], "nope.safetensors: not found"),
+                             (["--ckpt", str(tmp_path)], "not a file"),
+                             (["--ckpt", str(tmp_path / "unet.safetensors")], "the autoencoder beside the first --ckpt")):
+        for main in (app.main, infer.main):
+            with pytest.raises(SystemExit) as exit_:
+                main(["--cpu", *options])
+            assert exit_.value.code == 2 and message in capsys.readouterr().err, (main, options)
