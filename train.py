@@ -171,10 +171,7 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
             if getattr(args, name) is not None:
                 parser.error(f"--{name}: not an option of the segmenter stage ({why})")
     if args.stage == "sdm" and not args.resume:
-        from datasets.sdm import sdm_dataset
-
-        conventions = sdm_dataset(args.dataset or "landscape")
-        height, width = args.height or conventions.height, args.width or conventions.width
+        _, height, width, _ = sdm_new_run(args)
         if sdm_random_crop(args) and height != width:
             parser.error(f"--random_crop on takes square sizes (SDM crops only its square datasets); the size is "
                          f"{height}x{width}")
@@ -192,6 +189,17 @@ def check_options(parser: cli.ArgumentParser, args) -> None:
             parser.error(f"--latent_scale must be a number or 'auto', got {args.latent_scale!r}")
         if not (value > 0 and value != float("inf")):
             parser.error(f"--latent_scale must be a finite number > 0, got {args.latent_scale}")
+
+
+def sdm_new_run(args) -> tuple[str, int, int, str]:
+    """(dataset, height, width, preset) of a new sdm run: the options, else the dataset's own
+    size and SDM's preset for it (the small sdm-demo for the landscape set)."""
+    from datasets.sdm import sdm_dataset
+
+    dataset = args.dataset or "landscape"
+    conventions = sdm_dataset(dataset)
+    preset = args.preset or ("sdm-demo" if dataset == "landscape" else f"sdm-{dataset}")
+    return dataset, args.height or conventions.height, args.width or conventions.width, preset
 
 
 def sdm_random_crop(args) -> bool:
@@ -247,13 +255,11 @@ def check_sizes(args, stored: dict | None, world: int) -> None:
                 raise ValueError(f"--{name} {value} is not a multiple of the autoencoder's downsampling factor "
                                  f"{factor}")
     if args.stage == "sdm" and stored is None and not args.init:
-        from datasets.sdm import sdm_dataset
         from models import unet_preset
 
-        conventions = sdm_dataset(args.dataset or "landscape")
-        preset = args.preset or ("sdm-demo" if (args.dataset or "landscape") == "landscape" else f"sdm-{args.dataset}")
+        _, height, width, preset = sdm_new_run(args)
         factor = unet_preset(preset).downsample_factor
-        for name, value in (("height", args.height or conventions.height), ("width", args.width or conventions.width)):
+        for name, value in (("height", height), ("width", width)):
             if value % factor:
                 raise ValueError(f"--{name} {value} is not a multiple of {factor}, which the {preset} U-Net needs")
 
@@ -484,7 +490,7 @@ def ldm_stage(args) -> str:
 def sdm_stage(args) -> str:
     from dataclasses import replace
 
-    from datasets.sdm import SDMFolder, sdm_dataset
+    from datasets.sdm import SDMFolder
     from ldm.pixel_training import PHASES, train
     from ldm.training import TrainConfig, stored_train_config
     from models import UNetConfig, unet_preset
@@ -498,15 +504,12 @@ def sdm_stage(args) -> str:
         height, width, data = size["height"], size["width"], args.data or data
         random_crop = bool(stored.get("random_crop", False))   # absent: written before crops existed
     else:
-        dataset = args.dataset or "landscape"
-        conventions = sdm_dataset(dataset)
-        height, width, data = args.height or conventions.height, args.width or conventions.width, args.data
-        random_crop = sdm_random_crop(args)
+        dataset, height, width, preset = sdm_new_run(args)
+        data, random_crop = args.data, sdm_random_crop(args)
         if args.init:
             start, unet_config = init_checkpoint(args, "pixel")
             config = TrainConfig(schedule=start.diffusion["schedule"])
         else:
-            preset = args.preset or ("sdm-demo" if dataset == "landscape" else f"sdm-{dataset}")
             unet_config = unet_preset(preset, use_fp16=args.fp16)
             config = TrainConfig()
         config = replace(config, **PHASES[args.phase or "pretrain"])
