@@ -216,6 +216,10 @@ def check_with_jittor(parser: cli.ArgumentParser, args, jt) -> None:
         latent = [name for name in UNET_PRESETS if not name.startswith("sdm")]   # sdm-*: the sdm stage's
         if args.preset not in latent:
             parser.error(f"--preset {args.preset}: not a latent U-Net preset; choose one of {', '.join(latent)}")
+    if args.preset is not None and args.stage == "sdm":
+        from models.unet import UNET_PRESETS
+        if args.preset not in UNET_PRESETS:
+            parser.error(f"--preset {args.preset}: not a U-Net preset; choose one of {', '.join(UNET_PRESETS)}")
     if args.preset is not None and args.stage == "autoencoder":
         from autoencoder.vqmodel import PRESETS
         if args.preset not in PRESETS:
@@ -228,7 +232,8 @@ def check_with_jittor(parser: cli.ArgumentParser, args, jt) -> None:
         if args.init:
             check_init(args)
         stored = check_resume(args) if args.resume else None
-        check_sizes(args, stored, jt.world_size if jt.in_mpi else 1)
+        if stored is not None or not args.resume:       # nothing to resume: the stage says so
+            check_sizes(args, stored, jt.world_size if jt.in_mpi else 1)
     except (ValueError, WeightsError) as exc:
         parser.error(str(exc))
     except KeyError as exc:

@@ -41,6 +41,7 @@ def test_infer_names_a_missing_checkpoint_before_anything_loads(tmp_path, capsys
     ("segmenter", ["--widths", "0,16"], "--widths must be comma-separated integers >= 1"),
     ("autoencoder", ["--height", "25"], "--height 25 is not a multiple of the autoencoder's downsampling factor 4"),
     ("sdm", ["--height", "30"], "--height 30 is not a multiple of 4, which the sdm-demo U-Net needs"),
+    ("sdm", ["--preset", "nope"], "--preset nope: not a U-Net preset; choose one of "),
 ])
 def test_train_refuses_bad_options_before_any_model_loads(jt, tmp_path, capsys, monkeypatch, stage, options, message):
     import train
@@ -62,6 +63,10 @@ def test_train_refuses_bad_options_before_any_model_loads(jt, tmp_path, capsys, 
 
 def test_train_refuses_a_file_as_its_run_folder(tmp_path, capsys):
     import train
+
+    # and a resume with nothing to resume says so, not what its defaults would be
+    assert train.main(["ldm", "--output_path", str(tmp_path / "none"), "--resume", "--grad_accum", "2", "--cpu"]) == 1
+    assert "nothing to resume" in capsys.readouterr().err
 
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit) as exit_:

@@ -156,6 +156,18 @@ def test_heavy_tailed_healthy_losses_raise_no_alarm(jt, tmp_path):
     assert not (tmp_path / "checkpoints" / DIVERGED).exists()
 
 
+def test_the_first_steps_are_tested_with_a_wider_margin(jt, tmp_path):
+    """With one or two good steps behind it a loss is a spike only at 100x the factor (1000x): a
+    first update that wrecks the weights is caught at step 2, while a rise of a few hundred times,
+    as a codebook initialised from data gives at step 2, is not."""
+    with pytest.raises(TrainingStopped, match="no good checkpoint exists yet"):
+        run(Toy(explode={0}), tmp_path / "wrecked", loop(max_steps=20, save_every=1), progress=False)
+    seen = []
+    result = run(Toy(outlier={1}), tmp_path / "rise", loop(max_steps=6, save_every=1), progress=False,
+                 step_hook=lambda step, record: seen.append(record))
+    assert result.step == 6 and not [r for r in seen if r.get("suspect")]
+
+
 def test_no_good_checkpoint_yet_is_said_plainly(jt, tmp_path):
     with pytest.raises(TrainingStopped, match="no good checkpoint exists yet: start again with a lower --lr"):
         run(Toy(poison=range(0, 100)), tmp_path, loop(), progress=False)

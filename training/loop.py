@@ -28,7 +28,8 @@ EMA step, the optimizer's count unchanged, BatchNorm running statistics restored
 with ``"skipped": "non_finite"``. A finite loss is not proof enough: a learning rate far too large
 gives finite losses of 1e9 between NaN steps. So a step where one of the watched losses
 (``Task.proof_values``) exceeds ``spike_factor`` times the largest of its values over the last
-``SPIKE_WINDOW`` good steps is a spike, logged with ``"suspect": "loss_spike"``: it proves no candidate, and when it is the first step from a
+``SPIKE_WINDOW`` good steps (``EARLY_SPIKE_FACTOR`` times more while fewer than
+``SPIKE_MIN_HISTORY`` are behind it) is a spike, logged with ``"suspect": "loss_spike"``: it proves no candidate, and when it is the first step from a
 candidate's weights it refutes that candidate (set aside as ``diverged.safetensors``). Bad steps
 (non-finite or spikes) stop the run when ``max_bad_steps`` come in a row, or when they make half
 of the last ``4 * max_bad_steps`` steps: the candidate (which may hold the weights that diverged) is
@@ -68,7 +69,8 @@ OPTIONS = "options.json"
 NON_FINITE = "non_finite"
 LOSS_SPIKE = "loss_spike"
 SPIKE_WINDOW = 20        # good steps whose largest loss a new loss is compared with
-SPIKE_MIN_HISTORY = 3    # good steps needed before any loss counts as a spike
+SPIKE_MIN_HISTORY = 3    # good steps behind a loss for the full test
+EARLY_SPIKE_FACTOR = 100  # with only 1 or 2 good steps behind it, a loss is a spike at 100x spike_factor
 
 
 class TrainingStopped(RuntimeError):
@@ -379,10 +381,14 @@ class _Run:
         worst = None
         for name, value in self.task.proof_values(values).items():
             history = self.counters["history"].get(name, [])
-            if len(history) >= SPIKE_MIN_HISTORY and max(history) > 0:
-                ratio = value / max(history)
-                if ratio > self.loop.spike_factor and (worst is None or ratio > worst[1]):
-                    worst = (name, ratio)
+            if not history or max(history) <= 0:
+                continue
+            # The first steps of a run (or of a resume without history) vary most, a codebook
+            # initialised from data most of all: they are held to a far larger factor.
+            factor = self.loop.spike_factor * (1 if len(history) >= SPIKE_MIN_HISTORY else EARLY_SPIKE_FACTOR)
+            ratio = value / max(history)
+            if ratio > factor and (worst is None or ratio > worst[1]):
+                worst = (name, ratio)
         return worst
 
     def judge(self, values: dict[str, Any]) -> dict[str, Any]:
