@@ -22,6 +22,8 @@ from test_training import write_store
 REPO = Path(__file__).resolve().parents[1]
 KILLS = 20                 # at least this many kills of each program
 MAX_KILLS_PER_RUN = 12     # then the run is let finish (every restart would otherwise die too early)
+MIN_KILLS_OF_A_KIND = 3    # kills inside a write, and kills of a resumed run, that a test must make
+MAX_ROUNDS = 30            # rounds run to get there before the test gives up
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +56,14 @@ def temporaries(folder: Path) -> list[Path]:
     return list(folder.rglob(".*.tmp")) if folder.is_dir() else []
 
 
-def wait_for_a_write(proc, folder: Path) -> None:
-    """Return once a temporary file (a write in progress) shows under ``folder``, or ``proc`` ended."""
-    while proc.poll() is None and not temporaries(folder):
+def wait_for_writes(proc, folder: Path, count: int) -> None:
+    """Return once the ``count``-th write of this life is in progress under ``folder`` (its
+    temporary file shows), or ``proc`` ended."""
+    seen: set[str] = set()
+    while proc.poll() is None:
+        seen.update(path.name for path in temporaries(folder))
+        if len(seen) >= count:
+            return
         time.sleep(0.0002)
 
 
@@ -67,21 +74,24 @@ class Kills:
     resumed: int = 0        # kills of a life that had resumed from a checkpoint (or found outputs)
 
 
-def kill_until_done(first, restart, rng, longest, watch: Path, kills: Kills) -> None:
+def kill_until_done(first, restart, rng, longest, watch: Path, kills: Kills, writes: int) -> None:
     """Run ``first`` (then ``restart()``'s command after each kill) until one life finishes. Each
-    life is killed after a random delay in [0.2, ``longest``] s, or (one life in two) at the first
-    write under ``watch`` that starts after that delay: the moment the atomic writes exist for."""
+    life is killed after a random delay in [0.2, ``longest``] s, or (one life in two) in the middle
+    of its k-th write under ``watch``, k uniform in 1..``writes``: the moment the atomic writes
+    exist for, spread over the run whatever the machine's speed."""
     args, lives = first, 0
     while True:
         proc = launch(args)
         resumed = args is not first
-        delay = 900.0 if lives >= MAX_KILLS_PER_RUN else float(rng.uniform(0.2, longest))
-        at_a_write = lives < MAX_KILLS_PER_RUN and rng.random() < 0.5
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            if at_a_write:
-                wait_for_a_write(proc, watch)
+        if lives >= MAX_KILLS_PER_RUN:
+            proc.wait(timeout=900)
+        elif rng.random() < 0.5:
+            wait_for_writes(proc, watch, int(rng.integers(1, writes + 1)))
+        else:
+            try:
+                proc.wait(timeout=float(rng.uniform(0.2, longest)))
+            except subprocess.TimeoutExpired:
+                pass
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
@@ -121,7 +131,7 @@ def kill_training(tmp_path, common, seed) -> Kills:
     longest = 1.2 * finish(common + ["--output_path", str(straight)])
     rng = np.random.default_rng(seed)
     kills, round_ = Kills(), 0
-    while kills.total < KILLS:
+    while not enough(kills) and round_ < MAX_ROUNDS:
         out = tmp_path / f"killed{round_}"
         args = common + ["--output_path", str(out)]
 
@@ -130,7 +140,7 @@ def kill_training(tmp_path, common, seed) -> Kills:
             started = (folder / "last.safetensors").exists() or (folder / "candidate.safetensors").exists()
             return args + ["--resume"] if started else args
 
-        kill_until_done(args, restart, rng, longest, out / "checkpoints", kills)
+        kill_until_done(args, restart, rng, longest, out / "checkpoints", kills, writes=6)
         check_training_runs_agree(straight, out)
         shutil.rmtree(out)
         round_ += 1
@@ -138,10 +148,16 @@ def kill_training(tmp_path, common, seed) -> Kills:
     return kills
 
 
+def enough(kills: Kills) -> bool:
+    """The kills are random, so rounds go on until they include enough of each kind."""
+    return (kills.total >= KILLS and kills.mid_write >= MIN_KILLS_OF_A_KIND
+            and kills.resumed >= MIN_KILLS_OF_A_KIND)
+
+
 def check_kills(kills: Kills) -> None:
     assert kills.total >= KILLS
-    assert kills.mid_write >= 3, f"too few kills landed in a checkpoint write: {kills}"
-    assert kills.resumed >= 3, f"too few kills of resumed runs: {kills}"
+    assert kills.mid_write >= MIN_KILLS_OF_A_KIND, f"too few kills landed in a write: {kills}"
+    assert kills.resumed >= MIN_KILLS_OF_A_KIND, f"too few kills of resumed runs: {kills}"
 
 
 def test_kill_train_ldm(tmp_path):
@@ -207,10 +223,10 @@ def test_kill_infer(tmp_path):
     assert len([n for n in expected if n.endswith(".jpg") and "/" not in n]) == 8
     rng = np.random.default_rng(3)
     kills, round_ = Kills(), 0
-    while kills.total < KILLS:
+    while not enough(kills) and round_ < MAX_ROUNDS:
         out = tmp_path / f"killed{round_}"
         args = common + ["--output_path", str(out)]
-        kill_until_done(args, lambda: [*args], rng, longest, out, kills)
+        kill_until_done(args, lambda: [*args], rng, longest, out, kills, writes=16)
         got = files(out)
         assert not [n for n in got if n.endswith(".tmp")], "temporary files left behind"
         assert sorted(got) == sorted(expected)
