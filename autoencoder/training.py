@@ -49,7 +49,7 @@ from autoencoder.lpips import load_lpips
 from autoencoder.vqmodel import KIND, TRAINING_PREFIX, VQConfig, VQModel, vq_config
 from datasets import TrainingSet
 from training.loop import (NON_FINITE, LoopConfig, Task, batch_indices, materialize, run, seed_everything, step_rng,
-                           stored_run, stored_section, watched)
+                           stored_run, stored_section)
 from training.optim import FusedAdam, discard_gradients, finite_gradients
 from training.state import adam_state, load_adam_state, save_grid, to_uint8, trainable
 from weights.checkpoint import WeightsError, load_checkpoint, load_weights
@@ -132,6 +132,9 @@ class AutoencoderTask(Task):
 
     kind = KIND
     name = "autoencoder"
+    # Never negative (the generator's GAN term may be): reconstruction (L1 + LPIPS), codebook and the
+    # discriminator's hinge loss. A learning rate far too large shows first in the last two.
+    watched_losses = ("rec_loss", "quant_loss", "disc_loss")
 
     def __init__(self, dataset: Sequence, model_config: VQConfig, loss_config: LossConfig, cfg: AutoencoderTrainConfig,
                  perceptual=None, data_name: str = ""):
@@ -233,12 +236,6 @@ class AutoencoderTask(Task):
 
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {k: f"{values[k]:.4f}" for k in ("l1_loss", "p_loss", "g_loss") if k in values}
-
-    def proof_values(self, values: Mapping[str, Any]) -> dict[str, float]:
-        """The losses that are never negative: reconstruction (L1 + LPIPS), codebook and the
-        discriminator's hinge loss (the generator's GAN term may be negative). A learning rate
-        far too large shows first in the codebook and discriminator losses."""
-        return watched(values, ("rec_loss", "quant_loss", "disc_loss"))
 
     def modules(self) -> list:
         return [self.model, self.loss.discriminator]

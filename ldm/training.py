@@ -42,7 +42,7 @@ import jittor as jt
 
 from datasets import NUM_CLASSES, colorize, one_hot
 from training.loop import (NON_FINITE, LoopConfig, Task, TrainingStopped, batch_indices, run, step_rng,
-                           stored_run, stored_section, watched)
+                           stored_run, stored_section)
 from training.optim import FusedAdamW
 from training.state import adam_state, load_adam_state, save_grid, to_uint8, trainable
 from weights.checkpoint import WeightsError, check_diffusion, config_from_dict, diffusion_fix, diffusion_section
@@ -152,6 +152,7 @@ class LDMTask(Task):
     """The U-Net, its fp32 master weights, AdamW, EMA and the fp16 loss scale, on a latent store."""
 
     name = "ldm"
+    watched_losses = ("mse",)     # the noise-prediction MSE: the hybrid loss's L_vb term is noisier near t = 0
 
     def __init__(self, unet, store: LatentStore, config: TrainConfig, *, net_kind: str = "unet",
                  decode: Callable[[jt.Var], jt.Var] | None = None):
@@ -335,10 +336,6 @@ class LDMTask(Task):
 
     def progress(self, values: Mapping[str, Any]) -> dict[str, str]:
         return {"loss": f"{values.get('loss', float('nan')):.4f}", "mse": f"{values.get('mse', float('nan')):.4f}"}
-
-    def proof_values(self, values: Mapping[str, Any]) -> dict[str, float]:
-        """The noise-prediction MSE: the hybrid loss's L_vb term is large and noisy near t = 0."""
-        return watched(values, ("mse",))
 
     # ------------------------------------------------------------------ samples
     def write_samples(self, path: Path, step: int) -> None:

@@ -27,7 +27,7 @@ The non-finite guard. A step whose loss or gradient is not finite changes nothin
 EMA step, the optimizer's count unchanged, BatchNorm running statistics restored) and is logged
 with ``"skipped": "non_finite"``. A finite loss is not proof enough: a learning rate far too large
 gives finite losses of 1e9 between NaN steps. So a step where one of the watched losses
-(``Task.proof_values``) exceeds ``spike_factor`` times the largest of its values over the last
+(``Task.watched_losses``) exceeds ``spike_factor`` times the largest of its values over the last
 ``SPIKE_WINDOW`` good steps (``EARLY_SPIKE_FACTOR`` times more while fewer than
 ``SPIKE_MIN_HISTORY`` are behind it) is a spike, logged with ``"suspect": "loss_spike"``: it proves no candidate, and when it is the first step from a
 candidate's weights it refutes that candidate (set aside as ``diverged.safetensors``). Bad steps
@@ -154,16 +154,6 @@ class LoopConfig:
         return 4 * self.max_bad_steps
 
 
-def watched(values: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, float]:
-    """The finite values among ``names`` in a step's logged ``values`` (the spike test's input)."""
-    out = {}
-    for name in names:
-        value = values.get(name)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            out[name] = float(value)
-    return out
-
-
 class Task:
     """One training: subclasses set ``kind`` (the network's checkpoint kind, e.g. "unet") and
     ``name``, and fill in the methods. Arrays returned for checkpoints are named with prefixes
@@ -171,6 +161,7 @@ class Task:
 
     kind: str = ""
     name: str = "train"
+    watched_losses: tuple[str, ...] = ("loss",)    # logged losses, never negative, that the spike test watches
 
     def config(self) -> dict[str, Any]:
         """The run's configuration as plain data: {"network": ..., "train": ..., ...}."""
@@ -205,8 +196,13 @@ class Task:
         raise NotImplementedError
 
     def proof_values(self, values: Mapping[str, Any]) -> dict[str, float]:
-        """The logged losses that the spike test watches, each never negative (default: "loss")."""
-        return watched(values, ("loss",))
+        """The finite values among ``watched_losses`` in a step's logged ``values``."""
+        out = {}
+        for name in self.watched_losses:
+            value = values.get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[name] = float(value)
+        return out
 
     def modules(self) -> list:
         """The task's networks: the running statistics (BatchNorm's) a skipped step must not change."""
@@ -373,13 +369,13 @@ class _Run:
         jt.set_seed(jittor_seed(self.loop.seed, self.step, 1))
         return self.task.checked_step(self.step, update)
 
-    def spike(self, values: Mapping[str, Any]) -> tuple[str, float] | None:
+    def spike(self, losses: Mapping[str, float]) -> tuple[str, float] | None:
         """(loss, ratio) of the watched loss furthest above ``spike_factor`` times its largest value
         over the recent good steps, or None."""
         if not self.loop.spike_factor:
             return None
         worst = None
-        for name, value in self.task.proof_values(values).items():
+        for name, value in losses.items():
             history = self.counters["history"].get(name, [])
             if not history or max(history) <= 0:
                 continue
@@ -398,7 +394,8 @@ class _Run:
         skipped, counters = values.get("skipped"), self.counters
         if skipped is not None and skipped != NON_FINITE:
             return values          # skipped for a reason that is not a failure (an fp16 overflow)
-        spike = self.spike(values) if skipped is None else None
+        losses = self.task.proof_values(values)
+        spike = self.spike(losses) if skipped is None else None
         bad = skipped == NON_FINITE or spike is not None
         if skipped == NON_FINITE:
             counters["bad_steps"] += 1
@@ -411,7 +408,7 @@ class _Run:
                             "of step %d is set aside as %s", self.step, name, ratio, self.pending, DIVERGED)
                 self.set_aside()
         else:
-            for name, value in self.task.proof_values(values).items():
+            for name, value in losses.items():
                 counters["history"][name] = (counters["history"].get(name, []) + [value])[-SPIKE_WINDOW:]
             if self.pending is not None:
                 self.promote()
@@ -430,13 +427,14 @@ class _Run:
 
     def check_guard(self, record: Mapping[str, Any]) -> None:
         in_a_row, recent = self.counters["bad_in_a_row"], self.counters["recent"]
-        names = list(self.task.proof_values({k: 0.0 for k in record})) or ["loss"]
-        last = ", ".join(f"{name} {record.get(name)}" for name in names)
         if in_a_row >= self.loop.max_bad_steps:
-            raise self.stop(f"{in_a_row} steps in a row had a non-finite loss or gradient or a loss spike (last {last})")
-        if sum(recent) >= self.loop.bad_window // 2:
-            raise self.stop(f"{sum(recent)} of the last {len(recent)} steps had a non-finite loss or gradient or "
-                            f"a loss spike (last {last})")
+            why = f"{in_a_row} steps in a row"
+        elif sum(recent) >= self.loop.bad_window // 2:
+            why = f"{sum(recent)} of the last {len(recent)} steps"
+        else:
+            return
+        last = ", ".join(f"{name} {record[name]}" for name in self.task.watched_losses if name in record)
+        raise self.stop(f"{why} had a non-finite loss or gradient or a loss spike (last {last})")
 
     def after_step(self) -> None:
         """The kept weights, the samples and the candidate due at this step, in that order: a run
@@ -462,7 +460,7 @@ class _Run:
             values = self.task_step(update=False)
             if values.get("skipped") == NON_FINITE:
                 raise self.stop("the final weights give a non-finite loss or gradient")
-            spike = self.spike(values)
+            spike = self.spike(self.task.proof_values(values))
             if spike is not None:
                 raise self.stop(f"the final weights give a {spike[0]} {spike[1]:.3g} times its largest value over the "
                                 "last good steps")
